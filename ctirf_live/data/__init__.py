@@ -1,0 +1,1 @@
+"""ctirf_live.data."""
