@@ -1,0 +1,261 @@
+"""The on-disk paired EPI/TIRF dataset (written by `calibrate`, read by `train`/`finetune`).
+
+Layout (DESIGN.md, "Paired dataset")::
+
+    DIR/manifest.json          optics, objective, pixel size, versions, pairs[...]
+    DIR/pair_0000.ome.tif      C=2 (EPI, TIRF), raw intensities, metadata embedded
+
+Each pair is written atomically (image first, then the manifest), and every pair file
+carries its own record in its OME metadata. Opening a folder therefore repairs the
+two ways an interruption can leave it: a manifest entry whose file is gone is dropped,
+and a pair file missing from the manifest (crash between the two writes) is adopted.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from ctirf_live import __version__
+from ctirf_live.config import Optics
+from ctirf_live.data.tiff import atomic_write_json, read_ome_tiff, write_ome_tiff
+
+FORMAT = "ctirf-paired-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PAIR_PATTERN = re.compile(r"^pair_(\d{4,})\.ome\.tif$")
+CHANNELS = ("EPI", "TIRF")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class PairRecord:
+    """One entry of the manifest's `pairs` list."""
+
+    file: str
+    position: dict[str, float]
+    shift_px: list[float]
+    quality: float
+    timestamp: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairRecord:
+        known = {"file", "position", "shift_px", "quality", "timestamp"}
+        return cls(
+            file=str(d["file"]),
+            position={k: float(v) for k, v in (d.get("position") or {}).items()},
+            shift_px=[float(v) for v in d.get("shift_px", [0.0, 0.0])],
+            quality=float(d.get("quality", 0.0)),
+            timestamp=str(d.get("timestamp", "")),
+            extra={k: v for k, v in d.items() if k not in known and k != "extra"}
+            | dict(d.get("extra") or {}),
+        )
+
+
+def _software() -> dict[str, str]:
+    import numpy
+    import pymmcore_plus
+
+    return {
+        "ctirf_live": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pymmcore_plus": getattr(pymmcore_plus, "__version__", "unknown"),
+    }
+
+
+class PairedDataset:
+    """A folder of registered EPI/TIRF pairs with its manifest."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.pairs = [PairRecord.from_dict(p) for p in manifest.get("pairs", [])]
+
+    # -- creation / opening --------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, folder: str | Path, optics: Optics, extra: dict[str, Any] | None = None
+    ) -> PairedDataset:
+        """Start a new dataset folder (or reopen a compatible one to resume it)."""
+        folder = Path(folder)
+        if (folder / MANIFEST).is_file():
+            ds = cls.open(folder)
+            ds.check_optics(optics)
+            return ds
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "objective": optics.objective,
+            "pixel_size_um": optics.pixel_size_um,
+            "optics": optics.model_dump(),
+            "channels": list(CHANNELS),
+            "software": _software(),
+            **(extra or {}),
+            "pairs": [],
+        }
+        ds = cls(folder, manifest)
+        ds._adopt_orphans()
+        ds.save_manifest()
+        return ds
+
+    @classmethod
+    def open(cls, folder: str | Path) -> PairedDataset:
+        """Open an existing dataset, repairing what an interruption may have left."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise DatasetError(
+                f"{folder} is not a paired dataset (no {MANIFEST}); collect one with "
+                "`ctirf calibrate --out DIR`"
+            )
+        import json
+
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path} is not valid JSON ({exc}); restore it or re-run calibrate")
+        if manifest.get("format") != FORMAT:
+            raise DatasetError(f"{path} is not a ctirf paired-dataset manifest")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise DatasetError(f"{path} was written by a newer ctirf-live; upgrade to read it")
+        ds = cls(folder, manifest)
+        changed = ds._drop_missing() | ds._adopt_orphans()
+        if changed:
+            ds.save_manifest()
+        return ds
+
+    @property
+    def optics(self) -> Optics:
+        return Optics(**self.manifest["optics"])
+
+    def check_optics(self, optics: Optics) -> None:
+        """Refuse to mix pairs from different objectives or pixel sizes in one folder."""
+        mine = self.optics
+        if mine.objective != optics.objective or not np.isclose(
+            mine.pixel_size_um, optics.pixel_size_um, rtol=1e-3
+        ):
+            raise DatasetError(
+                f"{self.folder} holds {mine.objective} pairs at {mine.pixel_size_um * 1000:g} nm; "
+                f"use another --out for {optics.objective} at {optics.pixel_size_um * 1000:g} nm"
+            )
+
+    # -- writing --------------------------------------------------------------------------
+
+    def next_file(self) -> str:
+        used = [int(m.group(1)) for f in self.folder.iterdir() if (m := PAIR_PATTERN.match(f.name))]
+        return f"pair_{(max(used) + 1) if used else 0:04d}.ome.tif"
+
+    def add_pair(
+        self,
+        epi: np.ndarray,
+        tirf: np.ndarray,
+        position: dict[str, float],
+        shift_px: tuple[float, float] | list[float],
+        quality: float,
+        extra: dict[str, Any] | None = None,
+    ) -> PairRecord:
+        """Write one pair (raw intensities, C=2) atomically, then update the manifest."""
+        if epi.shape != tirf.shape or epi.ndim != 2:
+            raise DatasetError(f"EPI {epi.shape} and TIRF {tirf.shape} must be equal 2D frames")
+        record = PairRecord(
+            file=self.next_file(),
+            position={k: float(v) for k, v in position.items()},
+            shift_px=[float(shift_px[0]), float(shift_px[1])],
+            quality=float(quality),
+            timestamp=datetime.now(timezone.utc).isoformat(),
+            extra=dict(extra or {}),
+        )
+        write_ome_tiff(
+            self.folder / record.file,
+            np.stack([epi, tirf]),
+            "CYX",
+            pixel_size_um=self.manifest["pixel_size_um"],
+            channel_names=list(CHANNELS),
+            metadata={"pair": asdict(record), "optics": self.manifest["optics"]},
+            name=record.file,
+        )
+        self.pairs.append(record)
+        self.save_manifest()
+        return record
+
+    def save_manifest(self) -> None:
+        self.manifest["pairs"] = [
+            {**{k: v for k, v in asdict(p).items() if k != "extra"}, **p.extra} for p in self.pairs
+        ]
+        atomic_write_json(self.folder / MANIFEST, self.manifest)
+
+    # -- repair ---------------------------------------------------------------------------
+
+    def _drop_missing(self) -> bool:
+        kept = [p for p in self.pairs if (self.folder / p.file).is_file()]
+        changed = len(kept) != len(self.pairs)
+        self.pairs = kept
+        return changed
+
+    def _adopt_orphans(self) -> bool:
+        listed = {p.file for p in self.pairs}
+        adopted = False
+        for f in sorted(self.folder.iterdir()):
+            if not PAIR_PATTERN.match(f.name) or f.name in listed:
+                continue
+            try:
+                _, info = read_ome_tiff(f)
+                rec = PairRecord.from_dict(info.metadata["pair"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            rec.file = f.name
+            self.pairs.append(rec)
+            adopted = True
+        return adopted
+
+    # -- reading --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[PairRecord]:
+        return iter(self.pairs)
+
+    def load_pair(self, index: int, registered: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(EPI, TIRF) as float32; with `registered`, EPI is shifted by the recorded shift."""
+        rec = self.pairs[index]
+        data, _ = read_ome_tiff(self.folder / rec.file)
+        if data.ndim != 3 or data.shape[0] != 2:
+            raise DatasetError(f"{rec.file} should hold 2 channels (EPI, TIRF), has {data.shape}")
+        epi, tirf = data[0].astype(np.float32), data[1].astype(np.float32)
+        if registered and any(abs(s) > 1e-6 for s in rec.shift_px):
+            epi = apply_shift(epi, rec.shift_px)
+        return epi, tirf
+
+    def shapes(self) -> set[tuple[int, ...]]:
+        """Distinct frame shapes, read from file headers."""
+        import tifffile
+
+        out = set()
+        for rec in self.pairs:
+            with tifffile.TiffFile(self.folder / rec.file) as tif:
+                out.add(tuple(tif.series[0].shape[-2:]))
+        return out
+
+
+def apply_shift(image: np.ndarray, shift_px: tuple[float, float] | list[float]) -> np.ndarray:
+    """Translate an image by (dy, dx) pixels, sub-pixel (cubic spline, edges replicated)."""
+    return ndimage.shift(
+        np.asarray(image, dtype=np.float32), shift=tuple(shift_px), order=3, mode="nearest"
+    ).astype(np.float32)
