@@ -27,7 +27,7 @@ def test_pairs_written_and_listed_in_manifest(tmp_path: Path) -> None:
     assert manifest["pairs"][2]["position"]["x"] == 20.0
     again = PairedDataset.open(tmp_path / "ds")
     assert len(again) == 3
-    epi, tirf = again.load_pair(0, registered=False)
+    epi, _ = again.load_pair(0, registered=False)
     assert epi.dtype == np.float32 and epi.shape == (32, 32)
 
 

@@ -192,7 +192,7 @@ def current_objective(core: CMMCorePlus, rig: RigInfo) -> str:
 
 def set_objective(core: CMMCorePlus, rig: RigInfo, objective: str) -> Optics:
     """Switch to an objective preset and return its optics (pixel size from the core)."""
-    optics = rig.optics_for(objective)
+    rig.optics_for(objective)  # fail before moving anything when there are no optics
     if rig.objective_presets:
         if objective not in rig.objective_presets:
             raise ConfigError(

@@ -129,7 +129,9 @@ class PairedDataset:
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path} is not valid JSON ({exc}); restore it or re-run calibrate")
+            raise DatasetError(
+                f"{path} is not valid JSON ({exc}); restore it or re-run calibrate"
+            ) from None
         if manifest.get("format") != FORMAT:
             raise DatasetError(f"{path} is not a ctirf paired-dataset manifest")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
