@@ -1,0 +1,193 @@
+"""ET2dNet / ET3dNet: the physics-informed cTIRF networks (paper Methods 4.4).
+
+The backbone maps the normalised EPI input `x` to two non-negative maps, the pseudo-GT
+`g` and the background `b`. The cTIRF image is `y^ = g * psf` (in-focus 2D PSF, or the
+3D PSF for z-stacks) and the reconstructed EPI is `x^ = y^ + b`. The supervised loss
+compares `y^` with TIRF, the self-supervised one `x^` with the input EPI.
+
+The PSF is not a trained weight: it is rebuilt from the optics recorded in the
+checkpoint (or given explicitly, e.g. a measured PSF, which is then stored in the
+checkpoint as the tensor `psf`), so fine-tuning to another objective swaps the PSF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctirf_live.config import Optics
+from ctirf_live.models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from ctirf_live.models.evit_unet import EViTUNet
+from ctirf_live.optics.forward import PSFConvolution
+from ctirf_live.optics.psf import default_psf_size, psf_2d, psf_3d
+
+ARCHITECTURES = ("ET2dNet", "ET3dNet")
+PSF_KEY = "psf"
+DEFAULT_3D_PSF_PLANES = 11
+
+
+@dataclass
+class ETOutput:
+    """Network outputs, all (B, 1, [Z,] Y, X) in normalised intensity."""
+
+    g: torch.Tensor
+    b: torch.Tensor
+    ctirf: torch.Tensor
+    recon: torch.Tensor
+
+
+def make_psf(
+    optics: Optics,
+    dims: int = 2,
+    model: str = "born_wolf",
+    size: int | None = None,
+    planes: int = DEFAULT_3D_PSF_PLANES,
+) -> np.ndarray:
+    """The PSF an ETNet convolves with: in focus (2D) or `planes` planes at the z step (3D)."""
+    size = size or default_psf_size(optics)
+    if dims == 2:
+        return np.asarray(psf_2d(optics, size, model=model))
+    half = (planes - 1) / 2
+    offsets = tuple(float((k - half) * optics.z_step_um) for k in range(planes))
+    return np.asarray(psf_3d(optics, offsets, size, model=model))
+
+
+class ETNet(nn.Module):
+    """EViT-UNet backbone + PSF forward model; `dims=2` is ET2dNet, `dims=3` ET3dNet."""
+
+    def __init__(
+        self,
+        optics: Optics,
+        variant: str = "S0",
+        dims: int = 2,
+        psf_model: str = "born_wolf",
+        psf: np.ndarray | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.optics = optics
+        self.dims = dims
+        self.psf_model = "measured" if psf is not None else psf_model
+        self.backbone = EViTUNet(variant, in_channels=1, out_channels=2, dims=dims, drop_path=drop_path)
+        kernel = psf if psf is not None else make_psf(optics, dims, psf_model)
+        if kernel.ndim != dims:
+            raise ValueError(f"a {dims}D network needs a {dims}D PSF, got shape {kernel.shape}")
+        self.forward_model = PSFConvolution(kernel)
+
+    @property
+    def name(self) -> str:
+        return "ET2dNet" if self.dims == 2 else "ET3dNet"
+
+    def set_optics(self, optics: Optics, psf: np.ndarray | None = None) -> None:
+        """Adopt another objective's optics (fine-tuning): rebuild the PSF from them."""
+        self.optics = optics
+        model = "born_wolf" if self.psf_model == "measured" else self.psf_model
+        if psf is not None:
+            self.psf_model = "measured"
+        else:
+            self.psf_model = model
+        self.forward_model.set_psf(psf if psf is not None else make_psf(optics, self.dims, model))
+
+    def forward(self, x: torch.Tensor) -> ETOutput:
+        raw = self.backbone(x)
+        g = F.softplus(raw[:, 0:1])
+        b = F.softplus(raw[:, 1:2])
+        ctirf = self.forward_model(g)
+        return ETOutput(g=g, b=b, ctirf=ctirf, recon=ctirf + b)
+
+    def arch_config(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this network."""
+        return {
+            "name": self.name,
+            "kwargs": {
+                "variant": self.backbone.arch_config()["variant"],
+                "dims": self.dims,
+                "psf_model": self.psf_model,
+            },
+            "backbone": self.backbone.arch_config(),
+        }
+
+
+def ET2dNet(optics: Optics, variant: str = "S0", **kwargs: Any) -> ETNet:  # noqa: N802
+    """The 2D network for single EPI frames."""
+    return ETNet(optics, variant, dims=2, **kwargs)
+
+
+def ET3dNet(optics: Optics, variant: str = "S0", **kwargs: Any) -> ETNet:  # noqa: N802
+    """The 3D network for short EPI z-stacks (6 planes at 200 nm in the paper)."""
+    return ETNet(optics, variant, dims=3, **kwargs)
+
+
+def save_model(
+    model: ETNet,
+    path: str | Path,
+    *,
+    percentile: float = 98.0,
+    provenance: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write an ETNet checkpoint (safetensors + JSON metadata)."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if model.psf_model == "measured":
+        state[PSF_KEY] = model.forward_model.psf
+    psf = model.forward_model.psf
+    metadata = {
+        "architecture": model.arch_config(),
+        "optics": model.optics.model_dump(),
+        "psf": {"model": model.psf_model, "shape": list(psf.shape)},
+        "normalization": {"percentile": float(percentile)},
+        "provenance": provenance or {},
+        "metrics": metrics or {},
+    }
+    return save_checkpoint(path, state, metadata)
+
+
+def build_model(metadata: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> ETNet:
+    """Rebuild an ETNet from checkpoint metadata (and a measured PSF if stored)."""
+    arch = metadata.get("architecture") or {}
+    name = arch.get("name")
+    if name not in ARCHITECTURES:
+        raise CheckpointError(
+            f"checkpoint architecture {name!r} is not one of {', '.join(ARCHITECTURES)}"
+        )
+    kwargs = dict(arch.get("kwargs") or {})
+    optics_meta = metadata.get("optics")
+    if not optics_meta:
+        raise CheckpointError("checkpoint has no optics; it cannot rebuild its PSF")
+    optics = Optics(**optics_meta)
+    psf = None
+    if kwargs.get("psf_model") == "measured":
+        if state is None or PSF_KEY not in state:
+            raise CheckpointError("checkpoint uses a measured PSF but does not contain it")
+        psf = state[PSF_KEY].float().cpu().numpy()
+        kwargs.pop("psf_model")
+    return ETNet(optics, psf=psf, **kwargs)
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: str | torch.device = "cpu",
+    extra_dirs: Sequence[Path] = (),
+) -> tuple[ETNet, dict[str, Any]]:
+    """Load an ETNet checkpoint (a path or a shipped model name): (model in eval mode, metadata)."""
+    path = resolve_checkpoint(name_or_path, extra_dirs)
+    state, metadata = load_checkpoint(path)
+    model = build_model(metadata, state)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    check_state_dict(model, weights)
+    model.load_state_dict(weights)
+    metadata["path"] = str(path)
+    return model.to(device).eval(), metadata

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctirf_live.config import Optics
+from ctirf_live.models.checkpoint import CheckpointError, save_checkpoint
+from ctirf_live.models.etnet import ET2dNet, ET3dNet, load_model, make_psf, save_model
+
+
+@pytest.fixture
+def optics() -> Optics:
+    return Optics()
+
+
+def test_outputs_non_negative_and_consistent(optics: Optics) -> None:
+    torch.manual_seed(0)
+    net = ET2dNet(optics, "tiny").eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, 64, 64))
+    for t in (out.g, out.b, out.ctirf):
+        assert t.shape == (2, 1, 64, 64)
+    assert (out.g >= 0).all() and (out.b >= 0).all()
+    torch.testing.assert_close(out.recon, out.ctirf + out.b)
+
+
+def test_delta_g_gives_the_psf(optics: Optics) -> None:
+    net = ET2dNet(optics, "tiny")
+    g = torch.zeros(1, 1, 64, 64)
+    g[0, 0, 32, 32] = 1.0
+    out = net.forward_model(g)[0, 0].numpy()
+    psf = make_psf(optics)
+    r = psf.shape[0] // 2
+    np.testing.assert_allclose(out[32 - r : 32 + r + 1, 32 - r : 32 + r + 1], psf, atol=1e-6)
+
+
+def test_3d_network_runs_on_six_planes(optics: Optics) -> None:
+    torch.manual_seed(0)
+    net = ET3dNet(optics, "tiny").eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 1, 6, 64, 64))
+    assert out.ctirf.shape == (1, 1, 6, 64, 64)
+    assert net.forward_model.psf.ndim == 3
+
+
+def test_checkpoint_round_trip_runs_at_another_size(tmp_path: Path, optics: Optics) -> None:
+    torch.manual_seed(0)
+    net = ET2dNet(optics, "tiny").eval()
+    path = save_model(net, tmp_path / "m", provenance={"data": "unit test"})
+    loaded, meta = load_model(path)
+    assert meta["architecture"]["name"] == "ET2dNet"
+    assert meta["provenance"]["data"] == "unit test"
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    x = torch.rand(1, 1, 96, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).ctirf, loaded(x).ctirf)
+
+
+def test_measured_psf_travels_with_the_checkpoint(tmp_path: Path, optics: Optics) -> None:
+    psf = np.zeros((9, 9), np.float32)
+    psf[4, 3:6] = 1 / 3
+    net = ET2dNet(optics, "tiny", psf=psf)
+    loaded, meta = load_model(save_model(net, tmp_path / "m"))
+    assert meta["psf"]["model"] == "measured"
+    np.testing.assert_allclose(loaded.forward_model.psf.numpy(), psf)
+
+
+def test_fine_tuning_swaps_the_psf(optics: Optics) -> None:
+    net = ET2dNet(optics, "tiny")
+    before = net.forward_model.psf.clone()
+    net.set_optics(Optics(objective="100X", pixel_size_um=0.0585))
+    assert net.optics.objective == "100X"
+    assert net.forward_model.psf.shape != before.shape or not torch.equal(
+        net.forward_model.psf, before
+    )
+
+
+def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(
+        tmp_path / "x", {"w": torch.zeros(2)}, {"architecture": {"name": "ResNet"}}
+    )
+    with pytest.raises(CheckpointError, match="ET2dNet"):
+        load_model(path)
