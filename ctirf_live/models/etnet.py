@@ -81,7 +81,9 @@ class ETNet(nn.Module):
         self.optics = optics
         self.dims = dims
         self.psf_model = "measured" if psf is not None else psf_model
-        self.backbone = EViTUNet(variant, in_channels=1, out_channels=2, dims=dims, drop_path=drop_path)
+        self.backbone = EViTUNet(
+            variant, in_channels=1, out_channels=2, dims=dims, drop_path=drop_path
+        )
         kernel = psf if psf is not None else make_psf(optics, dims, psf_model)
         if kernel.ndim != dims:
             raise ValueError(f"a {dims}D network needs a {dims}D PSF, got shape {kernel.shape}")
@@ -121,12 +123,12 @@ class ETNet(nn.Module):
         }
 
 
-def ET2dNet(optics: Optics, variant: str = "S0", **kwargs: Any) -> ETNet:  # noqa: N802
+def ET2dNet(optics: Optics, variant: str = "S0", **kwargs: Any) -> ETNet:
     """The 2D network for single EPI frames."""
     return ETNet(optics, variant, dims=2, **kwargs)
 
 
-def ET3dNet(optics: Optics, variant: str = "S0", **kwargs: Any) -> ETNet:  # noqa: N802
+def ET3dNet(optics: Optics, variant: str = "S0", **kwargs: Any) -> ETNet:
     """The 3D network for short EPI z-stacks (6 planes at 200 nm in the paper)."""
     return ETNet(optics, variant, dims=3, **kwargs)
 
