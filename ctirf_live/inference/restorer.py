@@ -1,0 +1,201 @@
+"""`Restorer`: EPI frames or stacks in, cTIRF out, in the input's intensity scale.
+
+Pipeline per frame: percentile normalisation of the whole frame (Eq. 1, so every tile
+shares one scale) -> overlapping tiles -> batched network -> blended -> rescaled.
+ET2dNet handles frames `(Y, X)` and series `(N, Y, X)` slice by slice; ET3dNet takes
+stacks `(Z, Y, X)` with the planes it was trained on, or `(T, Z, Y, X)`.
+
+On CUDA it runs in half precision (autocast) after a warm-up; when the GPU runs out of
+memory it retries with smaller tiles and, as a last resort, moves to the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctirf_live.config import Optics
+from ctirf_live.data.normalize import normalize
+from ctirf_live.inference.tiling import Blender, iter_batches, plan_tiles
+from ctirf_live.models.etnet import ETNet, load_model
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE = 32
+OUTPUTS = ("ctirf", "g", "background")
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA, then MPS, then CPU; anything else as given."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pixel_size_warning(model_optics: Optics, pixel_size_um: float | None) -> str | None:
+    """A one-line warning when data and model pixel sizes differ by more than 5%."""
+    if not pixel_size_um:
+        return None
+    ratio = pixel_size_um / model_optics.pixel_size_um
+    if abs(ratio - 1) <= 0.05:
+        return None
+    return (
+        f"model was trained at {model_optics.pixel_size_um * 1000:.1f} nm pixels "
+        f"({model_optics.objective}) but the data has {pixel_size_um * 1000:.1f} nm; "
+        "results may be wrong: fine-tune with `ctirf finetune --data PAIRS --from MODEL`"
+    )
+
+
+class Restorer:
+    """Restore EPI frames/stacks to cTIRF with an ETNet checkpoint."""
+
+    def __init__(
+        self,
+        model: ETNet | str | Path,
+        *,
+        device: str | torch.device = "auto",
+        half: bool | None = None,
+        tile: int = 512,
+        overlap: int = 64,
+        batch_size: int = 4,
+        percentile: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = select_device(device)
+        if isinstance(model, ETNet):
+            self.model, self.metadata = model, dict(metadata or {})
+        else:
+            self.model, self.metadata = load_model(model, "cpu")
+        self.model = self.model.to(self.device).eval()
+        self.half = (self.device.type == "cuda") if half is None else bool(half)
+        if tile % 32 or tile < 64:
+            raise ValueError(f"tile must be a multiple of 32 and >= 64, got {tile}")
+        self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
+        norm = self.metadata.get("normalization") or {}
+        self.percentile = float(percentile or norm.get("percentile", 98.0))
+        self.warmed_up = False
+
+    @property
+    def optics(self) -> Optics:
+        return self.model.optics
+
+    @property
+    def dims(self) -> int:
+        return self.model.dims
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts for output metadata."""
+        return {
+            "model": self.metadata.get("path", type(self.model).__name__),
+            "architecture": self.model.arch_config(),
+            "optics": self.optics.model_dump(),
+            "psf": {"model": self.model.psf_model},
+            "percentile": self.percentile,
+            "device": str(self.device),
+            "half_precision": self.half,
+        }
+
+    # -- public API -------------------------------------------------------------------
+
+    def warmup(self, shape: Sequence[int] = (512, 512)) -> None:
+        """Run once on a blank input so the first real frame is not slowed by set-up."""
+        planes = self._planes() if self.dims == 3 else None
+        shape = tuple(shape[-2:])
+        dummy = np.zeros(((planes,) if planes else ()) + shape, np.float32)
+        dummy[..., shape[0] // 2, shape[1] // 2] = 1.0
+        self._restore_one(dummy, "ctirf")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmed_up = True
+
+    def restore(self, image: np.ndarray, output: str = "ctirf") -> np.ndarray:
+        """Restore a frame `(Y, X)`, a series `(N, Y, X)` (2D net) or stacks (3D net)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}")
+        arr = self._check(image)
+        item_ndim = 2 if self.dims == 2 else 3
+        if arr.ndim == item_ndim:
+            return self._restore_one(arr, output)
+        if arr.ndim == item_ndim + 1:
+            return np.stack([self._restore_one(a, output) for a in arr])
+        kind = "(Y, X) or (N, Y, X)" if self.dims == 2 else "(Z, Y, X) or (T, Z, Y, X)"
+        raise ValueError(f"{self.model.name} expects {kind}, got shape {arr.shape}")
+
+    __call__ = restore
+
+    # -- internals --------------------------------------------------------------------
+
+    def _planes(self) -> int:
+        return int(self.metadata.get("planes") or 6)
+
+    def _check(self, image: np.ndarray) -> np.ndarray:
+        arr = np.asarray(image)
+        if arr.ndim < 2 or min(arr.shape[-2:]) < MIN_SIDE:
+            raise ValueError(
+                f"frame of shape {arr.shape} is too small; cTIRF needs at least "
+                f"{MIN_SIDE}x{MIN_SIDE} pixels"
+            )
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError("image contains NaN or infinite values; check the input file")
+        if arr.dtype.kind not in "uif":
+            raise ValueError(f"unsupported image dtype {arr.dtype}; use integer or float pixels")
+        return arr
+
+    def _restore_one(self, item: np.ndarray, output: str) -> np.ndarray:
+        norm, scale = normalize(item, self.percentile)
+        out = self._run_tiled(norm, output)
+        return out * np.float32(scale)
+
+    def _run_tiled(self, norm: np.ndarray, output: str) -> np.ndarray:
+        tile = self.tile
+        while True:
+            try:
+                return self._tiled_pass(norm, output, tile)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if tile > 128:
+                    tile //= 2
+                    log.warning("CUDA out of memory: retrying with %d px tiles", tile)
+                    self.tile = tile
+                    continue
+                warnings.warn("CUDA out of memory even with small tiles; moving to CPU", stacklevel=2)
+                self.device = torch.device("cpu")
+                self.model = self.model.to(self.device)
+                self.half = False
+
+    def _tiled_pass(self, norm: np.ndarray, output: str, tile: int) -> np.ndarray:
+        tiles = plan_tiles(norm.shape[-2:], tile, min(self.overlap, tile // 2))
+        if len(tiles) == 1:
+            return self._forward(norm[None], output)[0]
+        blender = Blender(norm.shape, self.overlap)
+        shapes: dict[tuple[int, int], list] = {}
+        for t in tiles:  # tiles of one size batch together; edge tiles may be smaller
+            shapes.setdefault((t.y1 - t.y0, t.x1 - t.x0), []).append(t)
+        for group in shapes.values():
+            for batch in iter_batches(group, self.batch_size):
+                crops = np.stack([norm[(..., *t.slices)] for t in batch])
+                for t, res in zip(batch, self._forward(crops, output), strict=True):
+                    blender.add(t, res)
+        return blender.result()
+
+    @torch.inference_mode()
+    def _forward(self, batch: np.ndarray, output: str) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
+        x = x.to(self.device, non_blocking=True)
+        if self.half and self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        result = {"ctirf": out.ctirf, "g": out.g, "background": out.b}[output]
+        return result[:, 0].float().cpu().numpy()
