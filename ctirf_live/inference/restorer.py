@@ -168,7 +168,9 @@ class Restorer:
                     log.warning("CUDA out of memory: retrying with %d px tiles", tile)
                     self.tile = tile
                     continue
-                warnings.warn("CUDA out of memory even with small tiles; moving to CPU", stacklevel=2)
+                warnings.warn(
+                    "CUDA out of memory even with small tiles; moving to CPU", stacklevel=2
+                )
                 self.device = torch.device("cpu")
                 self.model = self.model.to(self.device)
                 self.half = False
