@@ -79,9 +79,9 @@ def make_optics(**kwargs: object) -> Optics:
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "optics"
+    where = ".".join(str(p) for p in err.get("loc", ()))
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"invalid optics ({where}): {msg}"
+    return f"invalid optics ({where}): {msg}" if where else f"invalid optics: {msg}"
 
 
 def load_optics_file(path: str | Path) -> dict[str, Optics]:

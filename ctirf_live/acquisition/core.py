@@ -63,7 +63,7 @@ def load_core(config_path: str | Path) -> CMMCorePlus:
     if _uses_python_devices(text):
         from pymmcore_plus.experimental.unicore import UniMMCore
 
-        core: CMMCorePlus = UniMMCore()
+        core: CMMCorePlus = _quietly(_python_device_core_class(UniMMCore))
         if "ctirf_live.sim" in text:
             from ctirf_live.sim.scope import reset_microscope
 
@@ -72,17 +72,71 @@ def load_core(config_path: str | Path) -> CMMCorePlus:
         core = CMMCorePlus()
     try:
         core.loadSystemConfiguration(str(path))
+        problem = None
     except Exception as exc:  # pymmcore raises several types; all mean a bad config
-        reason = str(exc).strip().splitlines()
-        detail = " ".join(reason[:2]) if reason else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        problem = " ".join(lines[:2]) if lines else type(exc).__name__
+    if problem is not None:
+        # release outside the except block so no traceback keeps the core alive
         _release(core)
+        del core
+        gc.collect()
         raise ConfigError(
-            f"could not load {path}: {detail}; fix the config in Micro-Manager's "
+            f"could not load {path}: {problem}; fix the config in Micro-Manager's "
             "Hardware Configuration Wizard or see acquisition_configs/README.md"
-        ) from None
+        )
     if _uses_python_devices(text) and core.getCameraDevice():
         _centre_roi(core, DEMO_ROI)
     return core
+
+
+def _python_device_core_class(base: type[CMMCorePlus]) -> type[CMMCorePlus]:
+    """UniMMCore whose pixel-size lookup also sees Python devices.
+
+    UniMMCore (pymmcore-plus 0.18) asks the C++ core for the current pixel-size config,
+    which cannot read Python devices' properties, so rigs whose objective is a Python
+    device report 0 um. This subclass matches the configs against the live properties.
+    """
+
+    class PythonDeviceCore(base):  # type: ignore[misc, valid-type]
+        def getCurrentPixelSizeConfig(self, cached: bool = False) -> str:
+            found = super().getCurrentPixelSizeConfig(cached)
+            return found or matching_pixel_config(self)
+
+        def getPixelSizeUm(self, cached: bool = False) -> float:
+            value = super().getPixelSizeUm(cached)
+            if value or not (name := self.getCurrentPixelSizeConfig(cached)):
+                return value
+            camera = self.getCameraDevice()
+            binning = float(self.getProperty(camera, "Binning")) if camera else 1.0
+            return self.getPixelSizeUmByID(name) * binning / self.getMagnificationFactor()
+
+    return PythonDeviceCore
+
+
+def matching_pixel_config(core: CMMCorePlus) -> str:
+    """Name of the pixel-size config whose device settings all match the rig's state."""
+    for name in core.getAvailablePixelSizeConfigs():
+        settings = list(core.getPixelSizeConfigData(name))
+        if settings and all(
+            str(core.getProperty(dev, prop)) == str(val) for dev, prop, val in settings
+        ):
+            return name
+    return ""
+
+
+def _quietly(factory: type[CMMCorePlus]) -> CMMCorePlus:
+    """Build a Python-device core without pymmcore-plus's 'no Micro-Manager found' error log.
+
+    The demo rig needs no Micro-Manager adapters, so the search for them is noise.
+    """
+    mm_log = logging.getLogger("pymmcore-plus")
+    level = mm_log.level
+    mm_log.setLevel(logging.CRITICAL)
+    try:
+        return factory()
+    finally:
+        mm_log.setLevel(level)
 
 
 def _centre_roi(core: CMMCorePlus, size: int) -> None:

@@ -47,6 +47,7 @@ class SimCamera(CameraDevice):
         return float(_scope().exposure_ms)
 
     def set_exposure(self, exposure: float) -> None:
+        exposure = float(exposure)  # config files hand properties over as strings
         if exposure <= 0:
             raise ValueError("exposure must be positive (ms)")
         _scope().exposure_ms = float(exposure)
@@ -88,7 +89,7 @@ class SimCamera(CameraDevice):
         sh, sw = SENSOR_SHAPE
         _scope().roi = (0, 0, sw, sh)
 
-    @pymm_property(allowed_values=[0, 1], name="RealTime")
+    @pymm_property(limits=(0, 1), name="RealTime", property_type=int)
     def real_time(self) -> int:
         """1: a frame takes at least its exposure time; 0: render as fast as possible."""
         return int(self._real_time)
@@ -97,7 +98,7 @@ class SimCamera(CameraDevice):
     def real_time(self, value: int) -> None:
         self._real_time = bool(int(value))
 
-    @pymm_property(limits=(0, 2**31 - 1), name="Seed")
+    @pymm_property(limits=(0, 2**31 - 1), name="Seed", property_type=int)
     def seed(self) -> int:
         """Seed of the simulated slide; setting it loads a new slide (same state otherwise)."""
         return int(_scope().seed)
@@ -197,7 +198,7 @@ class SimIllumination(StateDevice):
     def set_state(self, position: int) -> None:
         _scope().set_illumination(ILLUMINATION_LABELS[int(position)])
 
-    @pymm_property(limits=(0.0, 90.0), name="TIRFAngle")
+    @pymm_property(limits=(0.0, 90.0), name="TIRFAngle", property_type=float)
     def tirf_angle_deg(self) -> float:
         """Incidence angle in the immersion medium; sets the evanescent penetration depth."""
         return float(_scope().tirf_angle_deg)
