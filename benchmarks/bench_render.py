@@ -1,0 +1,139 @@
+"""Benchmark the simulated microscope: time of `snap()` per frame, EPI and TIRF.
+
+Usage::
+
+    python benchmarks/bench_render.py
+    python benchmarks/bench_render.py --sizes 512 --repeats 9 --no-write
+
+For each frame size and illumination: the first frame at a new stage position with
+empty caches (specimen rasterisation, plane FFTs and OTFs: "cold"), then the median of
+``--repeats`` frames each taken one z step (0.2 um) above the last, as in a z-stack
+(plane spectra reused, OTFs of new defocus values computed). Prints a table and
+writes it to the "## Simulator frame render" section of ``benchmarks/RESULTS.md``
+(other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import scipy
+
+from ctirf_live.sim.sample import cell_at
+from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
+
+SECTION = "## Simulator frame render"
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def time_frames(size: int, mode: str, repeats: int, seed: int = 0) -> tuple[float, list[float]]:
+    """(cold seconds, steady seconds per frame) for `size` x `size` frames in `mode`."""
+    scope = SimulatedMicroscope(seed=seed)
+    scope.clear_cache(otfs=True)
+    cell_at.cache_clear()
+    sh, sw = SENSOR_SHAPE
+    scope.roi = ((sw - size) // 2, (sh - size) // 2, size, size)
+    scope.set_illumination(mode)
+    start = time.perf_counter()
+    scope.snap()
+    cold = time.perf_counter() - start
+    steady = []
+    for _ in range(repeats):
+        scope.z_um += scope.optics.z_step_um
+        start = time.perf_counter()
+        scope.snap()
+        steady.append(time.perf_counter() - start)
+    scope.clear_cache(otfs=True)
+    return cold, steady
+
+
+def machine() -> str:
+    """CPU model and the cores this process may use."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} CPU cores usable, no GPU used"
+
+
+def table(rows: list[tuple[int, str, float, list[float]]]) -> str:
+    """Markdown table of the timings."""
+    lines = [
+        "| frame | mode | cold first frame (s) | steady median (s) | steady min-max (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for size, mode, cold, steady in rows:
+        lines.append(
+            f"| {size}x{size} | {mode} | {cold:.2f} | {statistics.median(steady):.3f} | "
+            f"{min(steady):.3f}-{max(steady):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the simulator section of the results file."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = f"{SECTION}\n\n{text.strip()}\n\n"
+    new = (
+        pattern.sub(lambda _: block, old)
+        if pattern.search(old)
+        else (old.rstrip("\n") + "\n\n" + block)
+    )
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", type=int, default=[512, 2048])
+    p.add_argument("--modes", nargs="+", default=["EPI", "TIRF"], choices=["EPI", "TIRF"])
+    p.add_argument("--repeats", type=int, default=7, help="steady-state frames per case")
+    p.add_argument("--no-write", action="store_true", help=f"do not update {RESULTS.name}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = []
+    for size in args.sizes:
+        for mode in args.modes:
+            cold, steady = time_frames(size, mode, args.repeats)
+            rows.append((size, mode, cold, steady))
+            median = statistics.median(steady)
+            print(f"{size}x{size} {mode}: cold {cold:.2f} s, steady {median:.3f} s")
+    text = table(rows)
+    print(text)
+    if args.no_write:
+        return
+    command = "python " + " ".join(["benchmarks/bench_render.py", *sys.argv[1:]])
+    report = (
+        f"Command: `{command}` ({date.today().isoformat()})\n\n"
+        f"Machine: {machine()}; numpy {np.__version__}, scipy {scipy.__version__}.\n\n"
+        "`SimulatedMicroscope.snap()` (render + camera noise), 60X objective, centred ROI. "
+        "Cold: first frame at a new stage position with empty caches (generate the cells, "
+        "rasterise the specimen, FFT its planes, compute the OTFs). Steady: median of "
+        f"{args.repeats} frames, focus moved one z step (0.2 um) between frames as in a "
+        "z-stack. The cores are shared with other processes: repeated runs vary up to ~2x."
+        "\n\n" + text
+    )
+    write_section(report)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

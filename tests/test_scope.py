@@ -1,0 +1,227 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.registration import phase_cross_correlation
+
+from ctirf_live.sim.scope import (
+    ELECTRONS_PER_ADU,
+    MAX_ADU,
+    OFFSET_ADU,
+    READ_NOISE_E,
+    SENSOR_SHAPE,
+    SimulatedMicroscope,
+    get_microscope,
+    reset_microscope,
+)
+
+SIDE = 160
+
+
+def _scope(seed: int = 0, side: int = SIDE) -> SimulatedMicroscope:
+    s = SimulatedMicroscope(seed=seed)
+    s.roi = ((SENSOR_SHAPE[1] - side) // 2, (SENSOR_SHAPE[0] - side) // 2, side, side)
+    return s
+
+
+def _layer(scope: SimulatedMicroscope, z_um: float, value: float = 1.0) -> None:
+    """A uniform thin layer at one height, wider than the ROI plus the PSF margin."""
+    scope.set_specimen_override(np.full((1, 600, 600), value, np.float32), [z_um])
+
+
+def _centre_mean(img: np.ndarray) -> float:
+    h, w = img.shape
+    return float(img[h // 2 - 8 : h // 2 + 8, w // 2 - 8 : w // 2 + 8].mean())
+
+
+def test_same_seed_and_calls_give_bit_identical_frames() -> None:
+    frames = []
+    for _ in range(2):
+        s = _scope(seed=7)
+        seq = [s.snap()]
+        s.set_illumination("TIRF")
+        seq.append(s.snap())
+        s.z_um = 0.4
+        seq.append(s.snap())
+        frames.append(seq)
+    for a, b in zip(*frames, strict=True):
+        assert a.dtype == np.uint16
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(frames[0][0], frames[0][1])
+
+
+def test_deep_specimen_shows_in_epi_but_not_in_tirf() -> None:
+    s = _scope()
+    vol = np.zeros((1, 400, 400), np.float32)
+    vol[0, 150:250, 150:250] = 5.0
+    s.set_specimen_override(vol, [3.0])
+    epi, tirf = s.noise_free("EPI"), s.noise_free("TIRF")
+    assert _centre_mean(epi) > 50.0  # out-of-focus haze: photo-electrons per pixel
+    assert tirf.max() < 1e-6 * epi.max()
+
+
+def test_tirf_signal_of_a_thin_layer_decays_with_the_penetration_depth() -> None:
+    s = _scope()
+    heights = np.array([0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
+    tirf, epi = [], []
+    for z in heights:
+        _layer(s, z)
+        tirf.append(_centre_mean(s.noise_free("TIRF")))
+        epi.append(_centre_mean(s.noise_free("EPI")))
+    slope = np.polyfit(heights, np.log(tirf), 1)[0]
+    assert -1.0 / slope == pytest.approx(s.penetration_depth_um, rel=0.1)
+    assert 0.05 <= s.penetration_depth_um <= 0.2
+    np.testing.assert_allclose(epi, epi[0], rtol=0.02)  # EPI excites every height alike
+
+
+def test_tirf_angle_sets_the_depth_and_subcritical_angles_excite_everything() -> None:
+    s = _scope()
+    d_default = s.penetration_depth_um
+    s.tirf_angle_deg += 3.0
+    assert s.penetration_depth_um < d_default
+    s.tirf_angle_deg = 45.0
+    assert s.penetration_depth_um == np.inf
+    _layer(s, 1.0)
+    np.testing.assert_allclose(s.noise_free("TIRF") > 0, True)
+
+
+def test_switching_illumination_drifts_the_stage_deterministically() -> None:
+    a, b = _scope(seed=3), _scope(seed=3)
+    assert a.drift_px == (0.0, 0.0)
+    drifts = []
+    for mode in ("TIRF", "EPI", "TIRF", "EPI"):
+        a.set_illumination(mode)
+        b.set_illumination(mode)
+        assert a.drift_px == b.drift_px
+        drifts.append(a.drift_px)
+    assert len(set(drifts)) == len(drifts)
+    assert all(0 < np.hypot(*d) and max(map(abs, d)) < 2.0 for d in drifts)
+    before = a.drift_px
+    a.set_illumination("EPI")  # not a switch: no new drift
+    assert a.drift_px == before
+
+
+def test_the_frame_is_shifted_by_the_recorded_drift() -> None:
+    s = _scope(seed=3)
+    s.set_illumination("TIRF")
+    s.set_illumination("EPI")
+    s.set_illumination("TIRF")
+    shift, _, _ = phase_cross_correlation(
+        s.noise_free("TIRF"), s.ground_truth_tirf(), upsample_factor=20, normalization=None
+    )
+    np.testing.assert_allclose(shift, s.drift_px, atol=0.15)
+    assert np.hypot(*s.drift_px) > 0.2
+
+
+def test_exposure_scales_signal_linearly() -> None:
+    s = _scope()
+    a = s.noise_free()
+    s.exposure_ms *= 2
+    np.testing.assert_allclose(s.noise_free(), 2 * a, rtol=1e-5, atol=1e-3)
+    bright = s.snap().astype(float) - OFFSET_ADU
+    s.exposure_ms /= 2
+    dim = s.snap().astype(float) - OFFSET_ADU
+    assert bright.mean() == pytest.approx(2 * dim.mean(), rel=0.03)
+    assert a.max() * 2 > 1000  # a cell at 100 ms: thousands of ADU
+
+
+def test_long_exposures_saturate_at_16_bits() -> None:
+    s = _scope()
+    s.exposure_ms = 20000.0
+    frame = s.snap()
+    assert frame.max() == MAX_ADU and np.mean(frame == MAX_ADU) > 0.05
+
+
+def test_closed_shutter_gives_offset_and_read_noise() -> None:
+    s = _scope()
+    s.shutter_open = False
+    frame = s.snap().astype(float)
+    assert frame.mean() == pytest.approx(OFFSET_ADU, abs=0.2)
+    assert frame.std() == pytest.approx(READ_NOISE_E / ELECTRONS_PER_ADU, rel=0.1)
+
+
+def test_roi_and_binning_set_the_frame_shape_and_binning_sums_pixels() -> None:
+    s = _scope()
+    s.roi = (900, 950, 192, 128)
+    assert s.snap().shape == (128, 192)
+    full = s.noise_free()
+    for b in (2, 4):
+        s.binning = b
+        assert s.snap().shape == (128 // b, 192 // b) == s.frame_shape
+        assert s.pixel_size_um() == pytest.approx(0.0975 * b)
+        binned = full.reshape(128 // b, b, 192 // b, b).sum(axis=(1, 3))
+        np.testing.assert_allclose(s.noise_free(), binned, rtol=1e-5, atol=1e-2)
+    with pytest.raises(ValueError):
+        s.binning = 3
+    with pytest.raises(ValueError):
+        s.roi = (2000, 0, 100, 100)
+
+
+def test_60x_and_100x_render_the_same_physical_field() -> None:
+    s = _scope(side=256)
+    s.objective = "100X"
+    hi = s.noise_free("EPI")  # 256 px x 58.5 nm = 15 um
+    s.objective = "60X"
+    s.roi = ((SENSOR_SHAPE[1] - 154) // 2, (SENSOR_SHAPE[0] - 154) // 2, 154, 154)
+    lo = s.noise_free("EPI")  # 154 px x 97.5 nm = 15 um
+    zoomed = ndimage.zoom(hi, 154 / 256, order=1)
+    assert np.corrcoef(zoomed.ravel(), lo.ravel())[0, 1] > 0.8
+    assert zoomed.mean() == pytest.approx(lo.mean(), rel=0.1)
+
+
+def test_focus_moves_reuse_the_field_and_blur_the_bottom_layer() -> None:
+    s = _scope()
+    s.z_um = 0.0
+    sharp = s.noise_free("EPI")
+    s.z_um = 1.5
+    blurred = s.noise_free("EPI")
+    assert len(s._fields) == 1
+    assert blurred.std() < sharp.std()
+    assert s.frames_rendered == 0
+
+
+def test_in_focus_section_and_specimen_follow_the_focal_plane() -> None:
+    s = _scope()
+    vol = np.zeros((2, 300, 300), np.float32)
+    vol[0, 100:140, 100:140] = 1.0
+    vol[1, 160:200, 160:200] = 1.0
+    s.set_specimen_override(vol, [0.0, 2.0])
+    s.z_um = 0.0
+    low = s.in_focus_section()
+    s.z_um = 2.0
+    high = s.in_focus_section()
+    # sensor-centred: override row r lies at ROI row r - (300 - SIDE) // 2
+    off = (300 - SIDE) // 2
+    assert low[120 - off, 120 - off] > 0 and high[120 - off, 120 - off] < 1e-3 * low.max()
+    assert high[180 - off, 180 - off] > 0
+    spec = s.specimen()
+    assert spec.shape == (2, SIDE, SIDE) and not spec.flags.writeable
+    np.testing.assert_array_equal(s.specimen_z_um, [0.0, 2.0])
+    s.set_specimen_override(None)
+    assert s.specimen().shape[0] > 20  # back to the slide, many planes
+
+
+def test_real_field_epi_has_haze_from_deep_structure_that_tirf_lacks() -> None:
+    s = _scope(side=320)
+    epi, tirf = s.noise_free("EPI"), s.noise_free("TIRF")
+    spec = s.specimen()
+    z = s.specimen_z_um
+    deep, bottom = spec[z > 1.0].sum(0), spec[z <= 0.2].sum(0)
+    thick = deep > np.percentile(deep[deep > 0], 50)
+    thin = (deep == 0) & (ndimage.uniform_filter(bottom, 9) > 0.5 * bottom.mean())
+    assert thick.sum() > 500 and thin.sum() > 500
+
+    def ratio(mask: np.ndarray) -> float:
+        return float(epi[mask].mean() / tirf[mask].mean())
+
+    assert ratio(thick) > 2.0 * ratio(thin)
+
+
+def test_shared_microscope_can_be_replaced() -> None:
+    first = reset_microscope(seed=4)
+    assert get_microscope() is first and first.seed == 4
+    second = reset_microscope(seed=5, drift_px=0.5)
+    assert get_microscope() is second and second is not first
+    with pytest.raises(ValueError):
+        second.objective = "40X"
+    with pytest.raises(ValueError):
+        second.set_illumination("HILO")
