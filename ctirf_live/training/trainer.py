@@ -1,0 +1,737 @@
+"""Training and fine-tuning of ET2dNet (paper Methods 4.5).
+
+Recipe: AdamW (lr 5e-4), a per-step schedule that warms up linearly over
+`warmup_epochs` and then follows a cosine to ~0 at `epochs` (the warm-up is capped at
+`epochs - 1` so short runs still anneal), batch 4, the hybrid loss with the TIRF
+variance as per-sample weight, the best checkpoint chosen by validation loss (by
+training loss when there is no validation set).
+
+The run folder `out` holds:
+
+- `best.safetensors` (+ `.json` sidecar): the best model so far, a normal checkpoint;
+- `last.safetensors`: the model after the last finished epoch;
+- `resume.state` (a safetensors file, named so checkpoint listings skip it): model
+  weights, optimizer moments and, in its JSON header, the epoch, history, scaler state
+  and a fingerprint of the run. One file written atomically, so it always describes one
+  finished epoch; it never holds pickles;
+- `metrics.jsonl`: one JSON line per epoch (train loss terms, val loss, val MS-SSIM,
+  lr, seconds); `steps.jsonl` every `log_every` steps when asked.
+
+Resuming (`resume=True`, the default) continues after the last finished epoch with the
+same history. No RNG state is stored: every epoch reseeds torch and draws its crops from
+(seed, epoch), so a resumed run repeats the uninterrupted one. After Ctrl-C the files
+of the last finished epoch stay valid and their paths are printed.
+
+On CUDA the forward pass runs under `torch.autocast` (bfloat16 where supported, else
+float16 with a GradScaler); only the backbone computes in half precision, because the
+softplus heads are on autocast's float32 list and the PSF convolution computes in
+float32, and the loss casts its inputs to float32 itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from ctirf_live.config import Optics, TrainSettings
+from ctirf_live.data.loaders import CropDataset, PairSource, split_by_field
+from ctirf_live.models.checkpoint import CheckpointError, check_state_dict, load_checkpoint
+from ctirf_live.models.etnet import ETNet, load_model, save_model
+from ctirf_live.training.losses import HybridLoss, structural_similarity
+
+BEST = "best.safetensors"
+LAST = "last.safetensors"
+RESUME = "resume.state"
+METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
+RESUME_KEY = "ctirf_resume"
+
+FINETUNE_EPOCHS = 20
+FINETUNE_WARMUP_EPOCHS = 2
+FINETUNE_LR = 2e-4
+"""Fine-tuning defaults: the paper reports that ~20 pairs converge within 20 epochs with
+the hybrid model (Fig. 2c,d); starting from trained weights, a 2-epoch warm-up and a
+peak lr below the from-scratch 5e-4 avoid wrecking the pre-trained features."""
+
+_PSF_FIELDS = (
+    "objective",
+    "na",
+    "emission_wavelength_nm",
+    "immersion_index",
+    "sample_index",
+    "pixel_size_um",
+)
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class TrainError(ValueError):
+    """A training run that cannot start as asked; the message says what to do."""
+
+
+@dataclass
+class TrainResult:
+    """Where the run's checkpoints are and how it went (one dict per epoch in history)."""
+
+    best_path: Path
+    best_val_loss: float
+    history: list[dict[str, Any]]
+    last_path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def select_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Warm-up cosine: linear from base/warmup to base over `warmup_steps`, then cosine
+    down to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def optics_differ(a: Optics, b: Optics) -> bool:
+    """Whether two optics give different in-focus PSFs (objective, NA, wavelength, ...)."""
+    return any(
+        not np.isclose(getattr(a, f), getattr(b, f), rtol=1e-3)
+        if isinstance(getattr(a, f), float)
+        else getattr(a, f) != getattr(b, f)
+        for f in _PSF_FIELDS
+    )
+
+
+def finetune_settings(base: TrainSettings | None = None, **changes: Any) -> TrainSettings:
+    """`base` (default TrainSettings) with the fine-tuning schedule, then `changes`."""
+    base = base or TrainSettings()
+    values = {
+        **base.model_dump(),
+        "epochs": FINETUNE_EPOCHS,
+        "warmup_epochs": FINETUNE_WARMUP_EPOCHS,
+        "lr": FINETUNE_LR,
+        **changes,
+    }
+    return TrainSettings(**values)
+
+
+def train(
+    model: ETNet,
+    train_source: PairSource,
+    val_source: PairSource | None,
+    settings: TrainSettings,
+    out: str | Path,
+    *,
+    init_from: str | Path | None = None,
+    device: str | torch.device = "auto",
+    baseline: bool = False,
+    resume: bool = True,
+    progress: bool = True,
+    log_every: int = 0,
+    samples_per_epoch: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train `model` on `train_source`, select by `val_source`, write the run to `out`.
+
+    `init_from`: a checkpoint whose weights are loaded first (unless resuming), recorded
+    in the provenance. `samples_per_epoch`: crops per epoch (default one per training
+    frame, at least one batch). `on_step`/`on_epoch` receive each step's and epoch's
+    record (for monitoring; they may raise KeyboardInterrupt to stop, as Ctrl-C does).
+    Afterwards `model` holds the last epoch's weights; the best are in `best_path`.
+    """
+    notes: list[str] = []
+    if optics_differ(model.optics, train_source.optics):
+        notes.append(
+            f"warning: the model's optics ({model.optics.describe()}) differ from the data's "
+            f"({train_source.optics.describe()}); its PSF will not match: build the model "
+            "with the data's optics or use `ctirf finetune`"
+        )
+        console.print(f"[yellow]{notes[-1]}[/]", highlight=False)
+    init = None
+    if init_from is not None:
+        init = str(init_from)
+        state, _ = load_checkpoint(init_from)
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        check_state_dict(model, weights)
+    run = _Run(
+        model,
+        train_source,
+        val_source,
+        settings,
+        Path(out),
+        device,
+        baseline,
+        samples_per_epoch,
+        kind="train",
+        init_from=init,
+    )
+    result = run.fit(resume, progress, log_every, on_step, on_epoch)
+    result.notes[:0] = notes
+    return result
+
+
+def finetune(
+    checkpoint: str | Path,
+    source: PairSource,
+    settings: TrainSettings | None,
+    out: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    baseline: bool = False,
+    resume: bool = True,
+    progress: bool = True,
+    log_every: int = 0,
+    samples_per_epoch: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Fine-tune a checkpoint (path, model folder or shipped name) on `source`.
+
+    `source` is split by field with `settings.val_fraction`. When the data's optics
+    differ from the checkpoint's, the model's PSF is rebuilt for the data's optics
+    before training (and the run says so). `settings` defaults to `finetune_settings()`.
+    """
+    settings = settings or finetune_settings()
+    path = resolve_model_path(checkpoint)
+    model, _ = load_model(path)
+    notes = []
+    if optics_differ(model.optics, source.optics):
+        notes.append(
+            f"PSF switched from the checkpoint's optics ({model.optics.describe()}) to the "
+            f"data's ({source.optics.describe()})"
+        )
+        model.set_optics(source.optics)
+        console.print(notes[-1], highlight=False)
+    train_source, val_source = split_by_field(source, settings.val_fraction, settings.seed)
+    run = _Run(
+        model,
+        train_source,
+        val_source,
+        settings,
+        Path(out),
+        device,
+        baseline,
+        samples_per_epoch,
+        kind="finetune",
+        init_from=str(path),
+    )
+    result = run.fit(resume, progress, log_every, on_step, on_epoch)
+    result.notes[:0] = notes
+    return result
+
+
+def resolve_model_path(name_or_path: str | Path) -> str | Path:
+    """A run folder means its best checkpoint; anything else goes to `load_model` as is."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        best = path / BEST
+        if not best.is_file():
+            raise CheckpointError(f"{path} has no {BEST}; pass a .safetensors file or model name")
+        return best
+    return name_or_path
+
+
+def evaluate_model(
+    model: ETNet,
+    source: PairSource,
+    percentile: float = 98.0,
+    device: str | torch.device = "auto",
+) -> dict[str, Any]:
+    """MS-SSIM and PSNR (mean, sd over pairs) of cTIRF and of raw EPI against TIRF.
+
+    Whole frames; EPI is percentile-normalised as at inference. The reference is the
+    noise-free ground truth when every pair has one (simulated data), else the measured
+    TIRF. Scores use `ctirf_live.evaluation.metrics` (each image normalised on its own).
+    """
+    from ctirf_live.data.normalize import normalize
+    from ctirf_live.evaluation.metrics import ms_ssim, psnr
+
+    if len(source) == 0:
+        raise TrainError(f"{source.description}: no pairs to evaluate")
+    dev = select_device(device)
+    model = model.to(dev).eval()
+    use_truth = source.has_truth
+    scores: dict[str, dict[str, list[float]]] = {
+        "ctirf": {"ms_ssim": [], "psnr": []},
+        "epi": {"ms_ssim": [], "psnr": []},
+    }
+    with torch.inference_mode():
+        for pair in source.pairs:
+            reference = pair.truth if use_truth and pair.truth is not None else pair.tirf
+            epi, _ = normalize(pair.epi, percentile)
+            x = torch.from_numpy(epi)[None, None].to(dev)
+            with _autocast(dev):
+                ctirf = model(x).ctirf.float()[0, 0].cpu().numpy()
+            for name, image in (("ctirf", ctirf), ("epi", pair.epi)):
+                scores[name]["ms_ssim"].append(ms_ssim(image, reference, percentile))
+                scores[name]["psnr"].append(psnr(image, reference, percentile))
+    summary: dict[str, Any] = {
+        "pairs": len(source),
+        "reference": "ground truth" if use_truth else "TIRF",
+    }
+    for name, metrics in scores.items():
+        summary[name] = {
+            f"{metric}_{stat}": float(fn(values))
+            for metric, values in metrics.items()
+            for stat, fn in (("mean", np.mean), ("sd", np.std))
+        }
+    return summary
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(device: torch.device) -> Any:
+    dtype = _amp_dtype(device)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _grad_scaler() -> Any:
+    """A CUDA GradScaler (torch.amp's, or torch.cuda.amp's before torch 2.3)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, 0x7A1]).generate_state(1)[0])
+
+
+def _json_roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class _Run:
+    """One training run: data, optimizer, schedule and the files in `out`."""
+
+    def __init__(
+        self,
+        model: ETNet,
+        train_source: PairSource,
+        val_source: PairSource | None,
+        settings: TrainSettings,
+        out: Path,
+        device: str | torch.device,
+        baseline: bool,
+        samples_per_epoch: int | None,
+        kind: str,
+        init_from: str | None,
+    ) -> None:
+        if len(train_source) == 0:
+            raise TrainError(f"{train_source.description}: no training pairs")
+        self.settings = settings
+        self.out = out
+        self.baseline = baseline
+        self.kind = kind
+        self.init_from = init_from
+        self.train_source = train_source
+        self.val_source = val_source if val_source is not None and len(val_source) else None
+        spe = samples_per_epoch or max(len(train_source), settings.batch_size)
+        self.train_data = CropDataset(
+            train_source,
+            settings.crop,
+            settings.rotation_probability,
+            settings.percentile,
+            settings.seed,
+            spe,
+        )
+        self.val_data = (
+            CropDataset(
+                self.val_source, settings.crop, percentile=settings.percentile, augment=False
+            )
+            if self.val_source is not None
+            else None
+        )
+        self.device = select_device(device)
+        self.model = model.to(self.device)
+        self.steps_per_epoch = math.ceil(len(self.train_data) / settings.batch_size)
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        self.warmup_epochs = min(settings.warmup_epochs, settings.epochs - 1)
+        self.warmup_steps = self.warmup_epochs * self.steps_per_epoch
+        self.loss_fn = HybridLoss(settings.loss, baseline=baseline)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        amp = _amp_dtype(self.device)
+        self.scaler = _grad_scaler() if amp == torch.float16 else None
+        self.fingerprint = _json_roundtrip(
+            {
+                "kind": kind,
+                "architecture": model.arch_config(),
+                "optics": model.optics.model_dump(),
+                "settings": settings.model_dump(),
+                "baseline": baseline,
+                "data": train_source.description,
+                "train_fields": sorted(set(train_source.fields)),
+                "val_fields": sorted(set(self.val_source.fields)) if self.val_source else [],
+                "samples_per_epoch": spe,
+                "init_from": init_from,
+            }
+        )
+        self.history: list[dict[str, Any]] = []
+        self.best_loss = math.inf
+        self.step = 0
+
+    # ----------------------------------------------------------------- files / resume
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / BEST
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / LAST
+
+    def _provenance(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "data": self.train_source.description,
+            "train_pairs": len(self.train_source),
+            "val_pairs": len(self.val_source) if self.val_source else 0,
+            "epochs": self.settings.epochs,
+            "seed": self.settings.seed,
+            "settings": self.settings.model_dump(),
+            "warmup_epochs_used": self.warmup_epochs,
+            "baseline": self.baseline,
+            "init_from": self.init_from,
+            "device": str(self.device),
+        }
+
+    def _save_resume_state(self) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, entry in opt["state"].items():
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{idx}.{name}"] = value
+                else:
+                    scalars.setdefault(str(idx), {})[name] = value
+        header = {
+            "epochs_done": len(self.history),
+            "step": self.step,
+            "best_loss": self.best_loss,
+            "history": self.history,
+            "fingerprint": self.fingerprint,
+            "param_groups": opt["param_groups"],
+            "optimizer_scalars": scalars,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        cpu = {
+            k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in tensors.items()
+        }
+        meta = {RESUME_KEY: json.dumps(_json_roundtrip(header))}
+        _atomic(self.out / RESUME, lambda tmp: safetensors.torch.save_file(cpu, tmp, meta))
+
+    def _load_resume_state(self) -> bool:
+        """Restore the last finished epoch from `out`; False when there is none."""
+        path = self.out / RESUME
+        if not path.is_file():
+            return False
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as fh:
+                header = json.loads((fh.metadata() or {})[RESUME_KEY])
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (safetensors.SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+            raise TrainError(
+                f"{path} is unreadable ({exc}); delete it or pass resume=False (--no-resume)"
+            ) from None
+        if header["fingerprint"] != self.fingerprint:
+            changed = sorted(
+                k
+                for k in set(header["fingerprint"]) | set(self.fingerprint)
+                if header["fingerprint"].get(k) != self.fingerprint.get(k)
+            )
+            raise TrainError(
+                f"{self.out} holds a different run (differs in {', '.join(changed)}); "
+                "use another output folder or start over with --no-resume"
+            )
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        check_state_dict(self.model, weights)
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for idx, entry in header["optimizer_scalars"].items():
+            state.setdefault(int(idx), {}).update(entry)
+        self.optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        if self.scaler is not None and header.get("scaler"):
+            self.scaler.load_state_dict(header["scaler"])
+        self.history = header["history"]
+        self.best_loss = float(header["best_loss"])
+        self.step = int(header["step"])
+        self._rewrite_logs()
+        return True
+
+    def _rewrite_logs(self) -> None:
+        """Make metrics.jsonl / steps.jsonl match the restored history (drop later lines)."""
+        lines = "".join(json.dumps(rec) + "\n" for rec in self.history)
+        _atomic(self.out / METRICS, lambda tmp: tmp.write_text(lines))
+        steps = self.out / STEPS
+        if steps.is_file():
+            kept = [
+                line
+                for line in steps.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step
+            ]
+            text = "".join(f"{line}\n" for line in kept)
+            _atomic(steps, lambda tmp: tmp.write_text(text))
+
+    def _start_fresh(self) -> None:
+        for name in (RESUME, METRICS, STEPS):
+            (self.out / name).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------ loop
+
+    def fit(
+        self,
+        resume: bool,
+        progress: bool,
+        log_every: int,
+        on_step: Callable[[dict[str, Any]], None] | None,
+        on_epoch: Callable[[dict[str, Any]], None] | None,
+    ) -> TrainResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        notes: list[str] = []
+        if resume and self._load_resume_state():
+            done = len(self.history)
+            if done >= self.settings.epochs:
+                notes.append(
+                    f"{self.out} already holds the finished run ({done} epochs); "
+                    "start over with --no-resume (resume=False)"
+                )
+                return self._result(notes)
+            notes.append(f"resumed {self.out} after epoch {done}")
+            console.print(notes[-1], highlight=False)
+        else:
+            self._start_fresh()
+        bar = _progress_bar(progress)
+        try:
+            with bar:
+                task = bar.add_task(
+                    "train",
+                    total=self.total_steps,
+                    completed=self.step,
+                    loss=math.nan,
+                    epoch=f"{len(self.history)}/{self.settings.epochs}",
+                )
+                for epoch in range(len(self.history), self.settings.epochs):
+                    record = self._epoch(epoch, bar, task, log_every, on_step)
+                    if on_epoch is not None:
+                        on_epoch(record)
+        except KeyboardInterrupt:
+            self._report_interrupt()
+            raise
+        return self._result(notes)
+
+    def _result(self, notes: list[str]) -> TrainResult:
+        return TrainResult(
+            self.best_path, self.best_loss, list(self.history), self.last_path, notes
+        )
+
+    def _epoch(
+        self,
+        epoch: int,
+        bar: Any,
+        task: Any,
+        log_every: int,
+        on_step: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        seed = _epoch_seed(self.settings.seed, epoch)
+        torch.manual_seed(seed)
+        self.train_data.set_epoch(epoch)
+        loader = DataLoader(
+            self.train_data,
+            batch_size=self.settings.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            pin_memory=self.device.type == "cuda",
+        )
+        self.model.train()
+        sums: dict[str, float] = {}
+        batches = 0
+        for batch in loader:
+            lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.settings.lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            terms = self._train_step(batch)
+            self.step += 1
+            batches += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            step_record = {"step": self.step, "epoch": epoch + 1, "lr": lr, **terms}
+            if log_every and self.step % log_every == 0:
+                with open(self.out / STEPS, "a") as fh:
+                    fh.write(json.dumps(step_record) + "\n")
+            if on_step is not None:
+                on_step(step_record)
+            bar.update(
+                task, advance=1, loss=terms["total"], epoch=f"{epoch + 1}/{self.settings.epochs}"
+            )
+        record: dict[str, Any] = {"epoch": epoch + 1}
+        record.update({f"train_{k}": v / batches for k, v in sums.items()})
+        record["train_loss"] = record.pop("train_total")
+        val_loss, val_msssim = self._validate()
+        record.update({"val_loss": val_loss, "val_ms_ssim": val_msssim, "lr": lr})
+        selection = record["train_loss"] if val_loss is None else val_loss
+        record["best"] = bool(selection < self.best_loss)
+        record["seconds"] = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch + 1,
+            "val_loss": val_loss,
+            "val_ms_ssim": val_msssim,
+            "train_loss": record["train_loss"],
+            "selected_by": "train_loss" if val_loss is None else "val_loss",
+        }
+        if record["best"]:
+            self.best_loss = selection
+            self._save_model(self.best_path, metrics)
+        self._save_model(self.last_path, metrics)
+        self.history.append(record)
+        self._save_resume_state()
+        with open(self.out / METRICS, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        return record
+
+    def _forward_loss(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, torch.Tensor]:
+        """(loss, its terms, cTIRF, TIRF) of one batch."""
+        epi = batch["epi"].to(self.device, non_blocking=True)
+        tirf = batch["tirf"].to(self.device, non_blocking=True)
+        weight = batch["weight"].to(self.device, non_blocking=True)
+        with _autocast(self.device):
+            out = self.model(epi)
+        loss, terms = self.loss_fn(out.ctirf, tirf, out.recon, epi, out.g, out.b, weight)
+        return loss, terms, out.ctirf, tirf
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, terms, _, _ = self._forward_loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainError(
+                f"the loss became {loss.item()} at step {self.step + 1}; lower the learning "
+                "rate or check the data for empty or saturated frames"
+            )
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return terms
+
+    def _validate(self) -> tuple[float | None, float | None]:
+        if self.val_data is None:
+            return None, None
+        self.model.eval()
+        loader = DataLoader(self.val_data, batch_size=self.settings.batch_size)
+        total, msssim, count = 0.0, 0.0, 0
+        with torch.no_grad():
+            for batch in loader:
+                loss, _, ctirf, tirf = self._forward_loss(batch)
+                n = batch["epi"].shape[0]
+                total += float(loss) * n
+                msssim += float(structural_similarity(ctirf.float(), tirf).sum())
+                count += n
+        return total / count, msssim / count
+
+    def _save_model(self, path: Path, metrics: dict[str, Any]) -> None:
+        save_model(
+            self.model,
+            path,
+            percentile=self.settings.percentile,
+            provenance=self._provenance(),
+            metrics=metrics,
+        )
+
+    def _report_interrupt(self) -> None:
+        done = len(self.history)
+        if done == 0:
+            console.print("[yellow]interrupted[/] before the first epoch finished; nothing saved")
+            return
+        console.print(
+            f"[yellow]interrupted[/] after epoch {done}/{self.settings.epochs}: best checkpoint "
+            f"{self.best_path}, last {self.last_path}; run the same command again to resume",
+            highlight=False,
+        )
+
+
+def _progress_bar(show: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps, loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show,
+    )
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file beside `path`, then rename it into place."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
