@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -94,6 +94,443 @@ def snap(
         f"saved {path} ({image.shape[1]}x{image.shape[0]} {image.dtype}, {meta['mode']}, "
         f"{meta['optics']['objective']}, pixel {meta['optics']['pixel_size_um'] * 1000:g} nm)"
     )
+
+
+@app.command()
+@user_errors
+def calibrate(
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder (resumed if present)")],
+    pairs: Annotated[int, typer.Option(help="Good EPI/TIRF pairs to collect")] = 20,
+    objective: Annotated[str | None, typer.Option(help="Objective preset, e.g. 100X")] = None,
+    positions: Annotated[
+        str, typer.Option(help="grid, random, or a useq/pymmcore-widgets YAML/JSON file")
+    ] = "grid",
+    exposure: Annotated[float | None, typer.Option(help="Exposure (ms)")] = None,
+    z_offset: Annotated[float, typer.Option("--z-offset", help="Focus offset (um)")] = 0.0,
+    max_shift: Annotated[
+        float, typer.Option("--max-shift", help="Reject pairs shifted more than this (px)")
+    ] = 3.0,
+    force: Annotated[bool, typer.Option(help="Keep pairs with a shift over --max-shift")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --positions random")] = 0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the planned sequence; move and write nothing")
+    ] = False,
+) -> None:
+    """Collect registered EPI/TIRF pairs for fine-tuning (safe to interrupt and rerun)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Table
+
+    from ctirf_live.acquisition.calibration import calibrate as run_calibration
+    from ctirf_live.acquisition.calibration import summarize
+    from ctirf_live.acquisition.core import check_rig, open_core
+
+    columns = (
+        TextColumn("[bold]calibrating[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("pairs, {task.fields[rejected]} rejected"),
+        TimeRemainingColumn(),
+    )
+    with open_core(config) as core:
+        rig = check_rig(core, config)
+        kwargs = dict(
+            pairs=pairs,
+            objective=objective,
+            positions=positions,
+            exposure_ms=exposure,
+            z_offset_um=z_offset,
+            max_shift_px=max_shift,
+            force=force,
+            seed=seed,
+        )
+        if dry_run:
+            plan = run_calibration(core, rig, out, dry_run=True, **kwargs)
+            console.print(plan.describe(), highlight=False, soft_wrap=True)
+            return
+        with Progress(*columns, console=console, transient=False) as progress:
+            ds = run_calibration(core, rig, out, progress=progress, **kwargs)
+    summary = summarize(ds)
+    table = Table(title="calibration", show_header=False)
+    table.add_row("pairs", f"{summary['pairs']} / {summary['requested']}")
+    rejected = summary["rejected"]
+    table.add_row(
+        "rejected", ", ".join(f"{k}: {v}" for k, v in rejected.items()) if rejected else "none"
+    )
+    shifts = f"{summary['mean_shift_px']:.2f} px (max {summary['max_shift_px']:.2f})"
+    table.add_row("mean |shift|", shifts)
+    console.print(table)
+    console.print(f"dataset: {summary['folder']}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def process(
+    source: Annotated[Path, typer.Argument(help="EPI OME-TIFF (frame, time series or stack)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="cTIRF OME-TIFF to write")],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    tile: Annotated[int, typer.Option(help="tile size (px, multiple of 32)")] = 512,
+) -> None:
+    """Restore an EPI file to cTIRF offline; metadata kept, model recorded."""
+    from rich.progress import Progress
+
+    from ctirf_live.inference.process import process_file
+    from ctirf_live.inference.restorer import Restorer
+
+    restorer = Restorer(model, device=device, tile=tile)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("cTIRF", total=None)
+        path, warnings = process_file(
+            source, output, restorer, lambda i, n: bar.update(task, completed=i, total=n)
+        )
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"saved {path} (model {restorer.metadata.get('path', model)}, {restorer.device})")
+
+
+VARIANT_HELP = "Backbone size: S0, S1, S2, L (EfficientFormerV2 sizes) or tiny (tests)"
+RUN_DIR_HELP = "Model folder: best.safetensors, last.safetensors, metrics.jsonl"
+CROP_HELP = "Training crop (px); default 512, or the frame size when smaller"
+RESUME_HELP = "Continue the run already in the output folder, if any"
+
+
+def _training_settings(
+    base: Any,
+    epochs: int | None,
+    crop: int | None,
+    batch_size: int | None,
+    seed: int,
+    frame_side: int,
+) -> Any:
+    """`base` TrainSettings with the options the user gave (crop fitted to the frames)."""
+    changes: dict[str, Any] = {"seed": seed}
+    if epochs is not None:
+        changes["epochs"] = epochs
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    if crop is None and frame_side < 32:
+        raise ValueError(f"frames of {frame_side} px are too small to train on (at least 32 px)")
+    changes["crop"] = crop if crop is not None else min(base.crop, frame_side // 32 * 32)
+    return type(base)(**{**base.model_dump(), **changes})
+
+
+def _report_training(result: Any) -> None:
+    """Print where the best checkpoint is and its validation metrics."""
+    for note in result.notes:
+        console.print(note, highlight=False, soft_wrap=True)
+    best = [h for h in result.history if h.get("best")]
+    if not best:
+        console.print(f"no epoch finished; run folder {result.last_path.parent}", soft_wrap=True)
+        return
+    h = best[-1]
+    if h.get("val_loss") is not None:
+        scores = f"val loss {h['val_loss']:.4f}, val MS-SSIM {h['val_ms_ssim']:.3f}"
+    else:
+        scores = f"train loss {h['train_loss']:.4f} (no validation fields)"
+    console.print(
+        f"best checkpoint: {result.best_path} (epoch {h['epoch']}/{len(result.history)}: {scores})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help=RUN_DIR_HELP)],
+    data: Annotated[Path | None, typer.Option(help="Paired dataset folder (calibrate)")] = None,
+    synthetic: Annotated[
+        int | None, typer.Option(min=1, help="Train on N pairs from the simulated microscope")
+    ] = None,
+    variant: Annotated[str, typer.Option(help=VARIANT_HELP)] = "S0",
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 200)")] = None,
+    crop: Annotated[int | None, typer.Option(min=32, help=CROP_HELP)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 4)")] = None,
+    objective: Annotated[
+        str | None, typer.Option(help="Objective of the --synthetic pairs (60X or 100X)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data, split and initialisation")] = 0,
+    baseline: Annotated[
+        bool, typer.Option(help="Ablation: no self-supervised (reconstructed EPI) branch")
+    ] = False,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+) -> None:
+    """Train ET2dNet from scratch on paired EPI/TIRF frames (safe to interrupt and rerun)."""
+    from ctirf_live.config import TrainSettings
+    from ctirf_live.data.loaders import PairSource, check_crop, split_by_field
+    from ctirf_live.models.etnet import ET2dNet
+    from ctirf_live.models.evit_unet import VARIANTS
+    from ctirf_live.training.trainer import seed_everything, train
+
+    if (data is None) == (synthetic is None):
+        raise ValueError("give exactly one of --data DIR or --synthetic N")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    seed_everything(seed)
+    if data is not None:
+        source = PairSource.from_dataset(data)
+        if objective is not None and objective != source.optics.objective:
+            raise ValueError(
+                f"{data} holds {source.optics.objective} pairs, not {objective}; drop --objective"
+            )
+    else:
+        roi = max(256, crop or TrainSettings().crop)
+        source = PairSource.synthetic(synthetic or 0, objective or "60X", seed=seed, roi=roi)
+    settings = _training_settings(
+        TrainSettings(), epochs, crop, batch_size, seed, min(source.shape)
+    )
+    check_crop(source, settings.crop)
+    train_source, val_source = split_by_field(source, settings.val_fraction, seed)
+    model = ET2dNet(source.optics, variant)
+    console.print(
+        f"training ET2dNet-{variant} on {source.description}: {len(train_source)} train / "
+        f"{len(val_source)} validation pairs, {settings.crop} px crops, {settings.epochs} epochs",
+        highlight=False,
+        soft_wrap=True,
+    )
+    result = train(
+        model,
+        train_source,
+        val_source,
+        settings,
+        out,
+        device=device,
+        baseline=baseline,
+        resume=resume,
+    )
+    _report_training(result)
+
+
+@app.command()
+@user_errors
+def finetune(
+    data: Annotated[Path, typer.Option(help="Paired dataset folder (ctirf calibrate)")],
+    from_: Annotated[
+        str, typer.Option("--from", help="Checkpoint, model folder or shipped model name")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help=RUN_DIR_HELP)],
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 20)")] = None,
+    crop: Annotated[int | None, typer.Option(min=32, help=CROP_HELP)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 4)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data and split")] = 0,
+    baseline: Annotated[
+        bool, typer.Option(help="Ablation: no self-supervised (reconstructed EPI) branch")
+    ] = False,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+) -> None:
+    """Fine-tune a trained model to a microscope's pairs; the PSF follows the data's optics."""
+    from ctirf_live.data.loaders import PairSource, check_crop
+    from ctirf_live.training.trainer import finetune as run_finetune
+    from ctirf_live.training.trainer import finetune_settings, seed_everything
+
+    seed_everything(seed)
+    source = PairSource.from_dataset(data)
+    settings = _training_settings(
+        finetune_settings(), epochs, crop, batch_size, seed, min(source.shape)
+    )
+    check_crop(source, settings.crop)
+    console.print(
+        f"fine-tuning {from_} on {source.description} ({len(source)} pairs, "
+        f"{settings.crop} px crops, {settings.epochs} epochs)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    result = run_finetune(
+        from_, source, settings, out, device=device, baseline=baseline, resume=resume
+    )
+    _report_training(result)
+
+
+@app.command()
+@user_errors
+def models(
+    directory: Annotated[
+        list[Path] | None,
+        typer.Option("--dir", help="Also list checkpoints in this folder and its subfolders"),
+    ] = None,
+) -> None:
+    """List shipped and local checkpoints with their optics."""
+    from rich.table import Table
+
+    from ctirf_live.models.checkpoint import WEIGHTS_DIR, list_checkpoints
+
+    folders: list[Path] = []
+    for d in directory or []:
+        if not d.is_dir():
+            raise FileNotFoundError(f"no such folder: {d}")
+        folders += [d, *sorted(p for p in d.iterdir() if p.is_dir())]
+    found = list_checkpoints(folders)
+    if not found:
+        console.print(f"no checkpoints found (shipped weights live in {WEIGHTS_DIR})")
+        return
+    table = Table(title="checkpoints")
+    table.add_column("model", overflow="fold")
+    for column in ("architecture", "objective", "NA", "pixel (nm)", "created"):
+        table.add_column(column, no_wrap=True)
+    for info in found:
+        table.add_row(
+            f"{info.name} (shipped)" if info.shipped else str(info.path.with_suffix("")),
+            info.architecture,
+            info.objective or "-",
+            f"{info.na:g}" if info.na is not None else "-",
+            f"{info.pixel_size_um * 1000:g}" if info.pixel_size_um is not None else "-",
+            (info.created or "-")[:16].replace("T", " "),
+        )
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def acquire(
+    config: ConfigOpt,
+    sequence: Annotated[
+        Path, typer.Option("--sequence", "-s", help="useq MDA sequence (YAML/JSON)")
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (raw, ctirf, summary)")],
+    policy: Annotated[
+        str, typer.Option(help="record: every frame (spills to disk); preview: newest wins")
+    ] = "record",
+    fmt: Annotated[str, typer.Option("--format", help="ome-tiff or ome-zarr")] = "ome-tiff",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    channels: Annotated[str, typer.Option(help="Presets to process, comma-separated")] = "EPI",
+    tile: Annotated[int, typer.Option(help="tile size (px, multiple of 32)")] = 512,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="Frames held in memory")] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs in --out")] = False,
+) -> None:
+    """Run an MDA with live cTIRF: raw and cTIRF stores plus summary.json (Ctrl-C stops)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Table
+
+    from ctirf_live.acquisition.core import open_core
+    from ctirf_live.inference.acquire import acquire as run_acquire
+    from ctirf_live.inference.acquire import load_sequence, resolve_device
+    from ctirf_live.inference.backlog import POLICIES
+    from ctirf_live.inference.restorer import Restorer
+    from ctirf_live.inference.writers import check_format
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; use record or preview")
+    check_format(fmt)
+    seq = load_sequence(sequence)
+    device, warning = resolve_device(device)
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    restorer = Restorer(model, device=device, tile=tile)
+    columns = (
+        TextColumn("[bold]{task.fields[phase]}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("frames; processed {task.fields[processed]}, skipped {task.fields[skipped]}"
+                   ", errors {task.fields[errors]}, queue {task.fields[queue]}"),
+        TimeElapsedColumn(),
+    )
+    with open_core(config) as core, Progress(*columns, console=console) as bar:
+        task = bar.add_task("", total=None, phase="acquiring", processed=0, skipped=0,
+                            errors=0, queue=0)
+
+        def show(stats: Any, frames: int, total: int, phase: str) -> None:
+            bar.update(task, completed=frames, total=total, phase=phase,
+                       processed=stats.processed, skipped=stats.skipped,
+                       errors=stats.errors, queue=stats.queue_depth)
+
+        result = run_acquire(
+            core, seq, restorer, out, policy=policy, fmt=fmt,  # type: ignore[arg-type]
+            channels=tuple(c.strip() for c in channels.split(",") if c.strip()),
+            queue_size=queue_size, overwrite=overwrite, progress=show,
+        )
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    for e in result.errors:
+        err_console.print(f"[red]processing error:[/] {e}", highlight=False)
+    s = result.stats
+    table = Table(title="live cTIRF", show_header=False)
+    table.add_row("frames", f"{result.frames_acquired} / {result.frames_expected} acquired")
+    table.add_row("processed", f"{s.processed} (skipped {s.skipped}, errors {s.errors}, "
+                  f"other channels {s.ignored}, spilled {s.spilled})")
+    table.add_row("latency", f"p50 {s.latency_p50_ms:.0f} ms, p95 {s.latency_p95_ms:.0f} ms")
+    table.add_row("throughput", f"{s.processed_fps:.1f} frames/s on {restorer.device}")
+    table.add_row("acquisition", f"{result.acquisition_s:.1f} s (total {result.total_s:.1f} s)")
+    table.add_row("raw", str(result.raw_path))
+    table.add_row("cTIRF", str(result.ctirf_path))
+    table.add_row("summary", str(result.summary_path))
+    console.print(table)
+    if result.canceled:
+        err_console.print("[yellow]canceled[/]: frames acquired so far are saved")
+        raise typer.Exit(130)
+
+
+def _qt_display_problem() -> str | None:
+    """Why a Qt window cannot open here (checked first: Qt aborts the process otherwise)."""
+    import sys
+
+    platform = os.environ.get("QT_QPA_PLATFORM", "").split(":")[0]
+    if platform in ("offscreen", "minimal", "vnc", "eglfs", "linuxfb"):
+        return None
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        return (
+            "no display for the live window; set QT_QPA_PLATFORM=offscreen (or run on a "
+            "desktop), or use `ctirf acquire` for headless acquisition"
+        )
+    return None
+
+
+@app.command()
+@user_errors
+def live(
+    config: ConfigOpt,
+    model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
+    policy: Annotated[
+        str, typer.Option(help="preview: newest frame wins; record: every frame")
+    ] = "preview",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    sequence: Annotated[
+        Path | None, typer.Option("--sequence", "-s", help="useq sequence for Run MDA")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Save each MDA's raw + cTIRF here")
+    ] = None,
+) -> None:
+    """Open the live window: raw EPI and cTIRF side by side while imaging."""
+    from ctirf_live.inference.acquire import resolve_device
+    from ctirf_live.inference.backlog import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; use preview or record")
+    problem = _qt_display_problem()
+    if problem:
+        raise ValueError(problem)
+    try:
+        from ctirf_live.gui.live_window import run_live_window
+    except ImportError as exc:
+        raise ValueError(
+            f"the live window needs Qt ({exc}); install it with pip install 'ctirf-live[gui]'"
+        ) from None
+    device, warning = resolve_device(device)
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    code = run_live_window(
+        config, model, policy, device=device, sequence_path=sequence, output_dir=out
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:
