@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_render.py
-    python benchmarks/bench_render.py --sizes 512 --repeats 9 --no-write
+    python -m benchmarks.bench_render
+    python -m benchmarks.bench_render --sizes 512 --repeats 9 --no-write
 
 For each frame size and illumination: the first frame at a new stage position with
 empty caches (specimen rasterisation, plane FFTs and OTFs: "cold"), then the median of
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -28,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import scipy
 
+from benchmarks.results import RESULTS, update_section
 from ctirf_live.sim.sample import cell_at
 from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
 
 SECTION = "## Simulator frame render"
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def time_frames(size: int, mode: str, repeats: int, seed: int = 0) -> tuple[float, list[float]]:
@@ -86,15 +85,7 @@ def table(rows: list[tuple[int, str, float, list[float]]]) -> str:
 
 def write_section(text: str, path: Path = RESULTS) -> None:
     """Replace (or append) the simulator section of the results file."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{text.strip()}\n\n"
-    new = (
-        pattern.sub(lambda _: block, old)
-        if pattern.search(old)
-        else (old.rstrip("\n") + "\n\n" + block)
-    )
-    path.write_text(new.rstrip("\n") + "\n")
+    update_section(SECTION.removeprefix("## "), text, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -176,6 +176,7 @@ def test_gate_rejects_blank_defocused_and_shifted_fields() -> None:
 
 def test_calibrate_collects_20_pairs_with_manifest(rig, tmp_path: Path) -> None:
     core, info = rig
+    auto_shutter = core.getAutoShutter()
     statuses = []
     ds = calibrate(core, info, tmp_path / "ds", pairs=20, exposure_ms=100, progress=statuses.append)
     assert len(ds) == 20
@@ -210,7 +211,7 @@ def test_calibrate_collects_20_pairs_with_manifest(rig, tmp_path: Path) -> None:
     summary = summarize(again)
     assert summary["pairs"] == 20 and summary["mean_shift_px"] > 0
     # the core is left as the run found it: auto-shutter on, no MDA running
-    assert core.getAutoShutter() and not core.mda.is_running()
+    assert core.getAutoShutter() == auto_shutter and not core.mda.is_running()
 
 
 def test_simulated_drift_is_recorded_as_shift(tmp_path: Path) -> None:

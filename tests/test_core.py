@@ -31,7 +31,7 @@ def test_mda_with_channels_zstack_and_positions(demo_core) -> None:
             {"group": "Illumination", "config": "TIRF"},
         ],
         z_plan={"range": 1.0, "step": 0.2},
-        stage_positions=[(0.0, 0.0, 0.0), (150.0, 80.0, 0.0)],
+        stage_positions=[(0.0, 0.0, 0.0), (6.0, 4.0, 0.0)],  # both on the home cell
         axis_order="pczt",
     )
     frames: list[tuple[np.ndarray, useq.MDAEvent, dict]] = []
@@ -40,6 +40,8 @@ def test_mda_with_channels_zstack_and_positions(demo_core) -> None:
     assert len(frames) == 2 * 2 * 6  # positions x channels x planes
     frame = frames[0][0]
     assert frame.shape == (128, 128) and frame.dtype == np.uint16
+    # every frame is lit (not a dark offset-only frame from a closed shutter)
+    assert min(f.max() for f, _, _ in frames) > 140  # a dark frame peaks near 115 ADU
     assert {e.channel.config for _, e, _ in frames} == {"EPI", "TIRF"}
     assert {e.index["z"] for _, e, _ in frames} == set(range(6))
     # the second position images another field: frames differ

@@ -605,7 +605,7 @@ class _Columns:
         c1 = min(w, math.ceil((bx1 - r.x0) / r.pixel) + 1)
         r0 = max(0, math.floor((by0 - r.y0) / r.pixel))
         r1 = min(h, math.ceil((by1 - r.y0) / r.pixel) + 1)
-        if c1 <= c0 or r1 <= r0:
+        if c1 - c0 < 2 or r1 - r0 < 2:  # np.gradient needs two samples per axis
             return None
         xx, yy = np.meshgrid(r.x0 + np.arange(c0, c1) * r.pixel, r.y0 + np.arange(r0, r1) * r.pixel)
         u, _ = cell.footprint(xx, yy)
