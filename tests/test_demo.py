@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctirf_live.config import Optics
+from ctirf_live.demo import DemoOptions, run_demo
+from ctirf_live.models.etnet import ET2dNet, save_model
+
+
+@pytest.fixture
+def tiny_60x(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_model(ET2dNet(Optics(), "tiny"), tmp_path / "tiny60x")
+
+
+def test_demo_runs_the_whole_workflow(tmp_path: Path, tiny_60x: Path) -> None:
+    options = DemoOptions(
+        out=tmp_path / "demo", model=str(tiny_60x), pairs=3, epochs=1, crop=64,
+        eval_pairs=2, timepoints=1, roi=128, device="cpu",
+    )
+    lines: list[str] = []
+    report = run_demo(options, step=lines.append)
+    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert report.pairs == 3
+    assert Path(report.model_path).is_file()
+    for scores in (report.before, report.after):
+        assert 0 < scores["ctirf"]["ms_ssim_mean"] <= 1
+    acq = report.acquisition
+    assert acq["frames"] == acq["expected"] == 6  # 1 time point x 6 planes
+    assert acq["processed"] == 6
+    assert Path(acq["raw"]).exists() and Path(acq["ctirf"]).exists()
+    assert (tmp_path / "demo" / "demo_report.json").is_file()
+
+
+def test_demo_without_shipped_model_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="train_shipped"):
+        run_demo(DemoOptions(out=tmp_path, model="no_such_model"))
