@@ -219,3 +219,15 @@ def test_layer_scale_and_3d_convs_keep_z() -> None:
     down = ConvNorm(2, 5, 3, stride=2, dims=3, act=True)(x)
     assert down.shape == (1, 5, 6, 4, 4)
     assert ConvTransposeNorm(5, 2, dims=3)(down).shape == (1, 2, 6, 8, 8)
+
+
+def test_training_works_after_inference_in_the_same_process() -> None:
+    """Cached position indices made under inference_mode must not break training."""
+    torch.manual_seed(0)
+    model = EViTUNet("tiny")
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()
+    model(torch.rand(2, 1, 64, 64)).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -129,8 +129,16 @@ def _relative_index(
     """Index (nq, nk) into a table of the distinct offsets (T, 3), in key-grid units.
 
     Query positions are mapped to key units: ``down`` queries sit at every second key
-    position, ``up`` queries at their parent coarse position.
+    position, ``up`` queries at their parent coarse position. Built outside inference
+    mode: a cached tensor made during inference could not be used by training later.
     """
+    with torch.inference_mode(False):
+        return _build_relative_index(q_win, k_win, mode, device)
+
+
+def _build_relative_index(
+    q_win: tuple[int, int, int], k_win: tuple[int, int, int], mode: str, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     qc = _grid_coords(q_win)
     if mode == "down":
         qc[:, 1:] *= 2
