@@ -6,9 +6,11 @@ line on stderr and exit code 2; set CTIRF_DEBUG=1 to see the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -440,7 +442,7 @@ def acquire(
                    ", errors {task.fields[errors]}, queue {task.fields[queue]}"),
         TimeElapsedColumn(),
     )
-    with open_core(config) as core, Progress(*columns, console=console) as bar:
+    with open_core(config) as core, Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("", total=None, phase="acquiring", processed=0, skipped=0,
                             errors=0, queue=0)
 
@@ -531,6 +533,369 @@ def live(
     )
     if code:
         raise typer.Exit(code)
+
+
+SIMULATED_OBJECTIVES = ("60X", "100X")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Limit torch's CPU threads for a block (small tensor ops are faster on one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _progress(label: str) -> Any:
+    """A transient rich progress bar on stderr and a `(done, total)` callback for it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+    )
+    task = bar.add_task(label, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _evaluation_source(
+    data: Path | None, synthetic: int | None, objective: str | None, size: int, seed: int
+) -> Any:
+    """Pairs from a dataset folder or the simulated microscope (`objective` checked)."""
+    from ctirf_live.data.loaders import PairSource
+
+    if (data is None) == (synthetic is None):
+        raise ValueError("give exactly one of --data DIR or --synthetic N")
+    if data is not None:
+        source = PairSource.from_dataset(data)
+        if objective is not None and objective != source.optics.objective:
+            raise ValueError(
+                f"{data} holds {source.optics.objective} pairs, not {objective}; drop --objective"
+            )
+        return source
+    if objective not in SIMULATED_OBJECTIVES:
+        raise ValueError(f"the simulator has objectives {', '.join(SIMULATED_OBJECTIVES)}")
+    bar, update = _progress("rendering pairs")
+    with bar:
+        source = PairSource.synthetic(
+            synthetic or 0, objective, seed=seed, roi=size, progress=False
+        )
+        update(len(source), len(source))
+    return source
+
+
+def _evaluate_adaptation(
+    model: str,
+    baseline_model: str | None,
+    source: Any,
+    val_fraction: float,
+    epochs: int,
+    out: Path,
+    seed: int,
+    device: str,
+) -> None:
+    from rich.table import Table
+
+    from ctirf_live.data.loaders import split_by_field
+    from ctirf_live.evaluation.adaptation import adaptation_experiment
+
+    train_source, val_source = split_by_field(source, val_fraction, seed)
+    if len(val_source) == 0 or len(train_source) == 0:
+        raise ValueError(
+            f"{source.description}: {len(source)} pairs cannot be split into training and "
+            "held-out fields; use more pairs or another --val-fraction"
+        )
+    console.print(
+        f"adaptation to {source.optics.objective}: {len(train_source)} training / "
+        f"{len(val_source)} held-out pairs, {epochs} epochs, hybrid and baseline",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+    def report(arm: str, entry: dict[str, Any]) -> None:
+        console.print(
+            f"{arm:>8} epoch {entry['epoch']:>3}: MS-SSIM {entry['ms_ssim_mean']:.3f} ± "
+            f"{entry['ms_ssim_sd']:.3f}",
+            highlight=False,
+        )
+
+    result = adaptation_experiment(
+        model,
+        train_source,
+        val_source,
+        epochs,
+        out,
+        baseline_checkpoint=baseline_model,
+        seed=seed,
+        device=device,
+        on_epoch=report,
+    )
+    table = Table(title=f"MS-SSIM to {result['reference_label']} ({result['val_pairs']} pairs)")
+    for column in ("model", "before", "after", "best (epoch)"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for arm, curve in result["curves"].items():
+        table.add_row(
+            arm,
+            f"{curve['initial']:.3f}",
+            f"{curve['final']:.3f}",
+            f"{curve['best']:.3f} ({curve['best_epoch']})",
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'adaptation.json'} and {out / 'adaptation.png'}", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="checkpoint, run folder or name")],
+    data: Annotated[Path | None, typer.Option(help="Paired dataset folder (calibrate)")] = None,
+    synthetic: Annotated[
+        int | None,
+        typer.Option(min=1, help="N simulated pairs (--adaptation: N to train, N held out)"),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report")] = Path(
+        "evaluation"
+    ),
+    objective: Annotated[
+        str | None,
+        typer.Option(help="Simulated objective (60X, 100X); default the model's (100X to adapt)"),
+    ] = None,
+    baselines: Annotated[
+        str, typer.Option(help="Comma-separated: rl, wbns, rolling_ball, bf (or none)")
+    ] = "rl,wbns,rolling_ball,bf",
+    axial: Annotated[
+        bool | None,
+        typer.Option(
+            "--axial/--no-axial",
+            help="Axial resolution on a z-stack (default: with --stack or --synthetic)",
+        ),
+    ] = None,
+    stack: Annotated[Path | None, typer.Option(help="EPI z-stack OME-TIFF for --axial")] = None,
+    planes: Annotated[
+        int, typer.Option(help="Planes of the simulated z-stack (the paper's 201 at 100 nm)")
+    ] = 201,
+    z_step: Annotated[
+        float | None, typer.Option("--z-step", help="Z step (um): simulated 0.1, or the file's")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Frame side (px) of simulated pairs and z-stack")] = 256,
+    adaptation: Annotated[
+        bool, typer.Option(help="Fine-tune hybrid vs baseline, MS-SSIM per epoch (Fig. 2d)")
+    ] = False,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs for --adaptation")] = 20,
+    baseline_model: Annotated[
+        str | None,
+        typer.Option(help="--adaptation: baseline starts from this checkpoint (default --model)"),
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="--adaptation: fraction of fields held out for scoring")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed for simulated data and splits")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    threads: Annotated[
+        int,
+        typer.Option(min=1, help="torch CPU threads (more may speed up CPU training)"),
+    ] = 1,
+) -> None:
+    """Score cTIRF against raw EPI and classical baselines (MS-SSIM, PSNR), draw a
+    comparison figure and measure axial resolution on a z-stack (evaluation.json/.csv,
+    comparison.png, axial.json, axial_xz.png); with --adaptation, fine-tune the hybrid and
+    the baseline model and record MS-SSIM per epoch (adaptation.json/.png)."""
+    from ctirf_live.evaluation.axial import simulated_stack
+    from ctirf_live.inference.restorer import Restorer, pixel_size_warning
+    from ctirf_live.training.trainer import resolve_model_path
+
+    with _torch_threads(threads):
+        restorer = Restorer(resolve_model_path(model), device=device)
+        model_objective = restorer.optics.objective
+        if objective is None and synthetic is not None:
+            objective = model_objective if model_objective in SIMULATED_OBJECTIVES else "60X"
+            if adaptation:
+                objective = "100X" if objective == "60X" else "60X"
+        if axial is None:
+            axial = stack is not None or synthetic is not None
+        axial = axial and not adaptation
+        sim_objective = objective or model_objective
+        pixel = restorer.optics.pixel_size_um
+        loaded = _axial_input(stack, z_step, planes, sim_objective, pixel) if axial else None
+        names = _baseline_names(baselines)
+        if adaptation and synthetic is not None:
+            synthetic *= 2  # N pairs to train on and N held out
+        source = _evaluation_source(data, synthetic, objective, size, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        if adaptation:
+            _evaluate_adaptation(
+                model, baseline_model, source, val_fraction, epochs, out, seed, device
+            )
+            return
+        if warning := pixel_size_warning(restorer.optics, source.optics.pixel_size_um):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        _evaluate_pairs(restorer, source, names, out)
+        if not axial:
+            if stack is None and data is not None:
+                console.print("axial resolution: pass --stack FILE (an EPI z-stack) or --axial")
+            return
+        if loaded is None:
+            step = z_step or 0.1
+            bar, update = _progress(f"simulating {planes}-plane stack")
+            with bar:
+                epi, optics = simulated_stack(
+                    planes, step, size, seed, sim_objective, progress=update
+                )
+            origin = f"simulated ({sim_objective}, seed {seed}, {planes} x {size} x {size} px)"
+            loaded = (epi, optics.pixel_size_um, step, origin)
+        _evaluate_axial(restorer, *loaded, out)
+
+
+def _baseline_names(baselines: str) -> list[str]:
+    """`rl,wbns` -> ["rl", "wbns"]; `none` -> []; unknown names refused."""
+    from ctirf_live.evaluation.baselines import BASELINES
+
+    names = [b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise ValueError(
+            f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)} or none"
+        )
+    return names
+
+
+def _axial_input(
+    stack: Path | None, z_step: float | None, planes: int, objective: str, model_pixel: float
+) -> tuple[Any, float, float, str] | None:
+    """Check the axial input before any work: the file's stack (EPI, pixel size, z step,
+    origin), or None when a simulated stack of `planes` planes will do. A file without a
+    pixel size is taken to have the model's (kc does not depend on it)."""
+    from ctirf_live.evaluation.axial import check_planes, read_stack
+
+    if stack is None:
+        check_planes(planes)
+        if objective not in SIMULATED_OBJECTIVES:
+            raise ValueError(
+                f"the simulator has objectives {', '.join(SIMULATED_OBJECTIVES)}, not "
+                f"{objective}; pass --stack FILE or --objective"
+            )
+        return None
+    epi, pixel, step = read_stack(stack, z_step)
+    check_planes(epi.shape[0])
+    if pixel is None:
+        err_console.print(
+            f"[yellow]note:[/] {stack} has no pixel size; assuming the model's "
+            f"{model_pixel * 1000:g} nm",
+            highlight=False,
+        )
+    return epi, pixel or model_pixel, step, str(stack)
+
+
+def _evaluate_pairs(restorer: Any, source: Any, names: list[str], out: Path) -> None:
+    from ctirf_live.evaluation.report import comparison_figure, evaluate_pairs, method_outputs
+
+    bar, update = _progress("scoring pairs")
+    with bar:
+        table = evaluate_pairs(restorer, source, names, progress=update)
+    console.print(table.rich_table())
+    table.to_json(out / "evaluation.json")
+    table.to_csv(out / "evaluation.csv")
+    index = table.median_pair()
+    pair = source[index]
+    images, _ = method_outputs(restorer, pair.epi, table.parameters)
+    reference = pair.truth if table.reference == "truth" else pair.tirf
+    comparison_figure(
+        images["epi"],
+        {k: v for k, v in images.items() if k not in ("epi", "ctirf")},
+        images["ctirf"],
+        reference,
+        out / "comparison.png",
+        pixel_size_um=source.optics.pixel_size_um,
+        scores={m: table.scores[m]["ms_ssim"][index] for m in table.methods},
+        tirf_label="TIRF (truth)" if table.reference == "truth" else "TIRF",
+        title=f"{source.description}: pair {index + 1} of {len(source)} (median cTIRF MS-SSIM)",
+    )
+    console.print(
+        f"wrote {out / 'evaluation.json'}, evaluation.csv and comparison.png", soft_wrap=True
+    )
+
+
+def _evaluate_axial(
+    restorer: Any, epi: Any, pixel: float, step: float, origin: str, out: Path
+) -> None:
+    import json
+
+    from ctirf_live.evaluation.axial import axial_figure, axial_resolution, restore_stack
+
+    bar, update = _progress("cTIRF stack")
+    with bar:
+        ctirf = restore_stack(restorer, epi, update)
+    result = {"stack": origin, **axial_resolution(restorer, epi, pixel, step, ctirf=ctirf)}
+    (out / "axial.json").write_text(json.dumps(result, indent=2) + "\n")
+    axial_figure(epi, ctirf, out / "axial_xz.png", pixel, step, result=result)
+    for w in result["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    parts = []
+    for axis in ("xz", "yz"):
+        e, c = result["epi"][axis]["kc"], result["ctirf"][axis]["kc"]
+        ratio = result["ratio"][axis]
+        parts.append(f"{axis.upper()} kc {e:.2f} -> {c:.2f} (x{ratio:.2f})" if ratio else axis)
+    console.print(f"axial resolution (EPI -> cTIRF): {'; '.join(parts)}", highlight=False)
+    console.print(f"wrote {out / 'axial.json'} and axial_xz.png", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for everything the demo makes")]
+    = Path("demo_out"),
+    pairs: Annotated[int, typer.Option(help="calibration pairs to collect")] = 20,
+    epochs: Annotated[int, typer.Option(help="fine-tuning epochs")] = 8,
+    model: Annotated[str, typer.Option(help="checkpoint to fine-tune")] = "et2dnet_s0_60x_sim",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+) -> None:
+    """Headless demo on the simulated rig: calibrate, fine-tune, score, live time-lapse."""
+    from rich.table import Table
+
+    from ctirf_live.demo import DemoOptions, run_demo
+
+    options = DemoOptions(out=out, pairs=pairs, epochs=epochs, model=model, device=device)
+    t0 = time.perf_counter()
+    report = run_demo(options, step=lambda line: console.print(line, highlight=False))
+    table = Table(title="cTIRF vs noise-free TIRF, held-out simulated 100X pairs")
+    for column in ("model", "MS-SSIM", "PSNR (dB)"):
+        table.add_column(column)
+    rows = (
+        ("raw EPI", report.before["epi"]),
+        ("shipped 60X model", report.before["ctirf"]),
+        ("fine-tuned to 100X", report.after["ctirf"]),
+    )
+    for label, m in rows:
+        table.add_row(
+            label,
+            f"{m['ms_ssim_mean']:.3f} ± {m['ms_ssim_sd']:.3f}",
+            f"{m['psnr_mean']:.2f} ± {m['psnr_sd']:.2f}",
+        )
+    console.print(table)
+    acq = report.acquisition
+    console.print(
+        f"calibration: {report.pairs} pairs ({report.rejected} fields rejected) in "
+        f"{report.calibration_s:.0f} s; fine-tuning: {report.epochs} epochs in "
+        f"{report.finetune_s:.0f} s -> {report.model_path}"
+    )
+    console.print(
+        f"time-lapse: {acq['frames']}/{acq['expected']} frames acquired in "
+        f"{acq['acquisition_s']:.1f} s, {acq['processed']} processed, {acq['skipped']} skipped, "
+        f"latency p50 {acq['latency_p50_ms']:.0f} ms / p95 {acq['latency_p95_ms']:.0f} ms, "
+        f"{acq['processed_fps']:.1f} fps; raw {acq['raw']}, cTIRF {acq['ctirf']}"
+    )
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    elapsed = time.perf_counter() - t0
+    console.print(f"demo finished in {elapsed:.0f} s; report {out}/demo_report.json")
 
 
 def main() -> None:

@@ -69,3 +69,12 @@ def test_missing_config(tmp_path: Path) -> None:
         app, ["snap", "--config", str(tmp_path / "nope.cfg"), "-o", str(tmp_path / "x.tif")]
     )
     assert result.exit_code == 2 and "config file not found" in result.output
+
+
+def test_public_api_is_importable_lazily() -> None:
+    import ctirf_live
+
+    for name in ctirf_live.__all__:
+        assert getattr(ctirf_live, name) is not None
+    with pytest.raises(AttributeError):
+        ctirf_live.NoSuchThing  # noqa: B018

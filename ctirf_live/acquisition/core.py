@@ -272,8 +272,6 @@ def set_illumination(core: CMMCorePlus, mode: str) -> None:
     """Switch the Illumination group to EPI or TIRF, with a clear error for other names."""
     presets = core.getAvailableConfigs(ILLUMINATION_GROUP)
     if mode not in presets:
-        raise ConfigError(
-            f"unknown illumination preset {mode!r}; available: {', '.join(presets)}"
-        )
+        raise ConfigError(f"unknown illumination preset {mode!r}; available: {', '.join(presets)}")
     core.setConfig(ILLUMINATION_GROUP, mode)
     core.waitForConfig(ILLUMINATION_GROUP, mode)

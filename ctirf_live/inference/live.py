@@ -1,0 +1,607 @@
+"""`LiveProcessor`: cTIRF in the acquisition loop, without ever slowing the acquisition.
+
+Use it as a pymmcore-plus output handler::
+
+    processor = LiveProcessor(Restorer("model.safetensors"), policy="record",
+                              result_writer=OmeTiffResultWriter("out/ctirf.ome.tiff"))
+    with processor:
+        core.mda.run(sequence, output=["out/raw.ome.tiff", processor])
+        processor.wait_until_idle()
+
+How it stays out of the way: pymmcore-plus calls `frameReady` on its relay thread, not
+the acquisition thread. `frameReady` only files the frame (preview: newest wins; record:
+bounded memory, then spill files, see `backlog.py`); one worker thread runs the model
+(`runners.py`: CPU, or CUDA with pinned buffers and streams), stores results through a
+`ResultWriter` and emits `resultReady`. Raw frames are stored by pymmcore-plus's own
+sink, independently, so model errors, NaN output or a full queue never cost raw data:
+each is counted, reported once through `errorOccurred` and the log, and the run goes on.
+On Linux the worker also runs at a lower CPU priority (nice +10), so when the model
+shares the CPU with the acquisition, camera and writer threads come first.
+
+Stack mode (default for 3D nets) groups the planes of one z-stack by the event index
+without `z` (t, p, c, g) and sends the stack once all planes have arrived; a 2D net in
+stack mode restores the planes one by one. Only frames whose channel preset is in
+`channels` are processed (frames without a channel are processed).
+
+Signals are emitted from background threads (the worker; `errorOccurred` also from the
+pymmcore-plus relay thread or the live poller). In a Qt GUI, connect with
+`signal.connect(slot, thread="main")` (psygnal queues the call to the main thread once
+`psygnal.qt.start_emitting_from_queue()` runs) or poll `latest()`/`stats` on a QTimer;
+slots must be quick, since they run between model calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from psygnal import Signal
+
+from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP
+from ctirf_live.inference.backlog import POLICIES, Backlog, Marker, Policy, StackAssembler, WorkItem
+from ctirf_live.inference.restorer import Restorer
+from ctirf_live.inference.runners import CpuRunner, make_runner
+
+if TYPE_CHECKING:
+    from pymmcore_plus import CMMCorePlus
+
+    from ctirf_live.inference.writers import ResultWriter
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.1
+WORKER_NICENESS = 10
+LATENCY_WINDOW = 2000
+FPS_WINDOW = 64
+START, FINISH, STOP = "start", "finish", "stop"
+
+
+@dataclass
+class LiveStats:
+    """Counters of one processor; frames, not stacks (a 6-plane stack counts 6).
+
+    At rest, `acquired == processed + skipped + errors`; `ignored` counts frames of
+    channels that are not processed (e.g. TIRF). Latency runs from a frame's arrival
+    in `frameReady` (for stacks: the last plane's) to its result being available.
+    """
+
+    acquired: int = 0
+    processed: int = 0
+    skipped: int = 0
+    errors: int = 0
+    queue_depth: int = 0
+    spilled: int = 0
+    latency_p50_ms: float = 0.0
+    latency_p95_ms: float = 0.0
+    processed_fps: float = 0.0
+    ignored: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for JSON summaries and tables)."""
+        return asdict(self)
+
+
+class LiveProcessor:
+    """Restore frames or z-stacks as they are acquired (see the module docstring)."""
+
+    resultReady = Signal(object, object, object)
+    statsChanged = Signal(object)
+    errorOccurred = Signal(str)
+
+    def __init__(
+        self,
+        restorer: Restorer,
+        *,
+        policy: Policy = "preview",
+        channels: Sequence[str] = (EPI_PRESET,),
+        channel_group: str = ILLUMINATION_GROUP,
+        stack_mode: bool | None = None,
+        queue_size: int = 4,
+        result_writer: ResultWriter | None = None,
+        spill_dir: Path | None = None,
+        warmup: bool = True,
+    ) -> None:
+        self.restorer = restorer
+        self.channels = tuple(channels)
+        self.channel_group = channel_group
+        self.stack_mode = restorer.dims == 3 if stack_mode is None else bool(stack_mode)
+        if restorer.dims == 3 and not self.stack_mode:
+            raise ValueError("a 3D network (ET3dNet) needs stack_mode=True")
+        self.result_writer = result_writer
+        self.warmup = warmup
+        self._backlog = Backlog(policy, queue_size, spill_dir)
+        self._runner: Any = make_runner(restorer)
+        self._assembler = StackAssembler()
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(("acquired", "processed", "skipped", "errors", "ignored"), 0)
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._done_times: deque[tuple[float, int]] = deque(maxlen=FPS_WINDOW)
+        self._outstanding = 0
+        self._reported: set[str] = set()
+        self._latest: tuple[Any, Any, Any] | None = None
+        self._expected_shape: tuple[int, int] | None = None
+        self._planes_cache: dict[int, int] = {}
+        self._sequence: Any = None
+        self._warmed: set[tuple[int, int]] = set()
+        self._writer_open = False
+        self._stats_dirty = False
+        self._last_stats_emit = 0.0
+        self._worker: threading.Thread | None = None
+        self._poller: _LivePoller | None = None
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        """`preview` (newest frame wins) or `record` (every frame, spilling to disk)."""
+        return self._backlog.policy
+
+    @policy.setter
+    def policy(self, value: Policy) -> None:
+        if value not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {value!r}")
+        self._backlog.policy = value
+
+    @property
+    def stats(self) -> LiveStats:
+        """A snapshot of the counters, latency percentiles and processing rate."""
+        with self._lock:
+            counts = dict(self._counts)
+            lat = np.asarray(self._latencies, dtype=np.float64)
+            done = list(self._done_times)
+        fps = 0.0
+        if len(done) > 1 and done[-1][0] > done[0][0]:
+            fps = sum(n for _, n in done[1:]) / (done[-1][0] - done[0][0])
+        return LiveStats(
+            **counts,
+            queue_depth=self._backlog.depth,
+            spilled=self._backlog.spilled,
+            latency_p50_ms=float(np.percentile(lat, 50)) if lat.size else 0.0,
+            latency_p95_ms=float(np.percentile(lat, 95)) if lat.size else 0.0,
+            processed_fps=fps,
+        )
+
+    @property
+    def reported_errors(self) -> list[str]:
+        """The distinct error messages reported so far."""
+        with self._lock:
+            return sorted(self._reported)
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        return self._worker is not None and self._worker.is_alive()
+
+    def latest(self) -> tuple[Any, Any, Any] | None:
+        """The newest (raw, result, event), or None before the first result."""
+        return self._latest
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent; the handler methods call it too)."""
+        with self._lock:
+            if self._worker is not None and self._worker.is_alive():
+                return
+            self._worker = threading.Thread(target=self._run, name="ctirf-live", daemon=True)
+            self._worker.start()
+
+    def stop(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the worker; `wait` first processes everything queued (record: all frames)."""
+        self.detach_live()
+        if not wait:
+            dropped = self._backlog.clear()
+            self._count("skipped", sum(d.n_frames for d in dropped))
+            self._settle(len(dropped))
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._enqueue_marker(STOP)
+            worker.join(timeout)
+        self._worker = None
+        self._backlog.cleanup()
+        self._emit_stats(force=True)
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Block until every queued frame is processed and stores are closed; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._outstanding == 0:
+                    return True
+            if self._worker is None or not self._worker.is_alive():
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+    def warm_up(self, frame_shape: Sequence[int]) -> None:
+        """Run the model once at `frame_shape` now (so set-up cost never counts as latency)."""
+        shape = (int(frame_shape[-2]), int(frame_shape[-1]))
+        if shape not in self._warmed:
+            self._runner.warmup(shape)
+            self._warmed.add(shape)
+
+    def __enter__(self) -> LiveProcessor:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, *args: object) -> None:
+        self.stop(wait=exc_type is None)
+
+    # -- pymmcore-plus output-handler protocol (called on the relay thread) -----------
+
+    def sequenceStarted(self, sequence: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """New acquisition: remember its frame shape, open the result store, warm up."""
+        self.start()
+        shape, pixel = None, None
+        infos = (meta or {}).get("image_infos") or []
+        if infos:
+            info = infos[0]
+            shape = (int(info["height"]), int(info["width"]))
+            pixel = info.get("pixel_size_um")
+        self._expected_shape = shape
+        self._sequence = sequence
+        self._planes_cache.clear()
+        self._assembler.clear()
+        self._enqueue_marker(START, sequence=sequence, shape=shape, pixel_size_um=pixel)
+
+    def frameReady(
+        self, frame: np.ndarray, event: Any = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        """File one frame for processing; returns at once, never raises."""
+        t = time.perf_counter()
+        try:
+            self._file_frame(frame, event, t)
+        except Exception as exc:  # the relay thread must never see an exception
+            self._error(f"could not queue a frame: {exc}")
+
+    def sequenceFinished(self, sequence: Any = None) -> None:
+        """Acquisition over: drop incomplete stacks; the worker drains and closes the store."""
+        dropped = self._assembler.clear()
+        if dropped:
+            self._count("skipped", dropped)
+            log.warning("%d plane(s) of incomplete z-stacks were not processed", dropped)
+        self._enqueue_marker(FINISH)
+
+    # -- continuous live streaming -----------------------------------------------------
+
+    def attach_live(self, core: CMMCorePlus, poll_interval_s: float | None = None) -> None:
+        """Process frames of continuous live mode (`core.startContinuousSequenceAcquisition`).
+
+        Live mode emits no per-frame event, so a small poller thread (never the camera or
+        acquisition thread) reads `core.getLastImageAndMD()` while a continuous sequence
+        runs and no MDA does (MDA frames come through `frameReady`), every
+        `poll_interval_s` (default: half the exposure, 5-50 ms), and files each new image
+        (by its `ImageNumber`) with the preview policy's newest-wins rule. Frames the
+        poller never saw count as skipped. Frames are ignored while the `channel_group`
+        preset is not in `channels`. Results are displayed, not stored; the frame size may
+        change between frames (ROI edits while live).
+        """
+        self.detach_live()
+        self.start()
+        self._expected_shape = None
+        self._poller = _LivePoller(self, core, poll_interval_s)
+        self._poller.start()
+
+    def detach_live(self, core: CMMCorePlus | None = None) -> None:
+        """Stop processing live-mode frames (MDA processing is unaffected)."""
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.stop()
+
+    # -- producer internals --------------------------------------------------------------
+
+    def _wants(self, event: Any) -> bool:
+        channel = getattr(event, "channel", None)
+        return channel is None or channel.config in self.channels
+
+    def _planes(self, event: Any) -> int:
+        seq = getattr(event, "sequence", None) or self._sequence
+        if seq is None:
+            return 1
+        key = id(seq)
+        if key not in self._planes_cache:
+            try:
+                self._planes_cache[key] = max(int(seq.sizes.get("z", 0)), 1)
+            except Exception:
+                self._planes_cache[key] = 1
+        return self._planes_cache[key]
+
+    def _file_frame(self, frame: np.ndarray, event: Any, t: float, live: bool = False) -> None:
+        if event is not None and not self._wants(event):
+            self._count("ignored", 1)
+            return
+        self._count("acquired", 1)
+        frame = np.asarray(frame)
+        shape = tuple(frame.shape[-2:])
+        if frame.ndim != 2:
+            self._error(f"frames must be 2D (Y, X); got shape {frame.shape}")
+            return
+        if self._expected_shape is None or (live and shape != self._expected_shape):
+            self._expected_shape = shape  # type: ignore[assignment]  # live: ROI may change
+        elif shape != self._expected_shape:
+            self._error(
+                f"frame of shape {shape} differs from the run's {self._expected_shape} "
+                "(camera ROI or binning changed?); frame not processed"
+            )
+            return
+        index = dict(getattr(event, "index", None) or {})
+        if self.stack_mode and not live:
+            planes = self._planes(event)
+            if planes < 2 and self.restorer.dims == 3:
+                self._error(
+                    "ET3dNet needs z-stacks but the sequence has no z plan; "
+                    "add a z plan or use an ET2dNet model"
+                )
+                return
+            item = self._assembler.add(index, frame, event, t, planes)
+            if item is None:
+                return
+        elif self.restorer.dims == 3:
+            self._error("ET3dNet needs z-stacks; live frames are shown raw only")
+            return
+        else:
+            item = WorkItem(frame, index, event, t)
+        self._put(item)
+
+    def _put(self, item: WorkItem) -> None:
+        with self._lock:
+            self._outstanding += 1
+        dropped = self._backlog.put(item)
+        if self._backlog.spill_error:
+            message, self._backlog.spill_error = self._backlog.spill_error, None
+            self._error(message, 0)
+        if dropped:
+            self._count("skipped", sum(d.n_frames for d in dropped))
+            self._settle(len(dropped))
+        self._stats_dirty = True
+
+    def _enqueue_marker(self, kind: str, **payload: Any) -> None:
+        with self._lock:
+            self._outstanding += 1
+        self._backlog.put_marker(kind, **payload)
+
+    def _count(self, key: str, n: int) -> None:
+        if n:
+            with self._lock:
+                self._counts[key] += n
+            self._stats_dirty = True
+
+    def _settle(self, n: int = 1) -> None:
+        with self._lock:
+            self._outstanding -= n
+
+    def _error(self, message: str, n_frames: int = 1) -> None:
+        """Count an error for `n_frames` frames; report each distinct message once."""
+        self._count("errors", n_frames)
+        with self._lock:
+            new = message not in self._reported
+            self._reported.add(message)
+        if new:
+            log.warning("live processing: %s", message)
+            self._emit(self.errorOccurred, message)
+
+    # -- worker -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        _lower_thread_priority()
+        pending: tuple[WorkItem, Any] | None = None
+        while True:
+            if pending is None:
+                entry = self._backlog.get(timeout=STATS_INTERVAL_S)
+                if entry is None:
+                    self._emit_stats()
+                    continue
+                if isinstance(entry, Marker):
+                    stop = self._handle_marker(entry)
+                    self._settle()
+                    if stop:
+                        return
+                    continue
+                pending = self._stage(entry)
+                if pending is None:
+                    continue
+            item, staged = pending
+            pending = None
+            launched = self._launch(item, staged)
+            if launched is not None and self._runner.pipelined:
+                nxt = self._backlog.get_nowait()
+                if isinstance(nxt, WorkItem):
+                    pending = self._stage(nxt)
+            if launched is not None:
+                self._finish(item, launched)
+            self._emit_stats()
+
+    def _stage(self, item: WorkItem) -> tuple[WorkItem, Any] | None:
+        try:
+            item.data = item.load()
+            return item, self._runner.stage(item.data)
+        except Exception as exc:
+            self._error(_describe(exc), item.n_frames)
+            self._settle()
+            return None
+
+    def _launch(self, item: WorkItem, staged: Any) -> Any:
+        try:
+            return self._runner.launch(staged)
+        except Exception as exc:
+            if self._runner.pipelined and "out of memory" in str(exc).lower():
+                log.warning("CUDA out of memory in the streaming path; using Restorer.restore")
+                self._runner = CpuRunner(self.restorer)
+                return self._launch(item, item.data)
+            self._error(_describe(exc), item.n_frames)
+            self._settle()
+            return None
+
+    def _finish(self, item: WorkItem, launched: Any) -> None:
+        try:
+            result = self._runner.finish(launched)
+            if not np.isfinite(result).all():
+                raise FloatingPointError("model output contains NaN or infinite values")
+        except Exception as exc:
+            self._error(_describe(exc), item.n_frames)
+            self._settle()
+            return
+        now = time.perf_counter()
+        with self._lock:
+            self._latencies.append((now - item.t_arrival) * 1000.0)
+            self._done_times.append((now, item.n_frames))
+        self._latest = (item.data, result, item.event)
+        self._emit(self.resultReady, item.data, result, item.event)
+        stored = self._store(item, result)
+        self._count("processed" if stored else "errors", item.n_frames)
+        self._settle()
+
+    def _store(self, item: WorkItem, result: np.ndarray) -> bool:
+        if not self._writer_open or self.result_writer is None:
+            return True
+        try:
+            self.result_writer.write(item.index, result)
+            return True
+        except Exception as exc:
+            self._error(f"could not store a cTIRF result: {_describe(exc)}", 0)
+            return False
+
+    def _handle_marker(self, marker: Marker) -> bool:
+        if marker.kind == START:
+            self._close_writer()
+            shape = marker.payload.get("shape")
+            if self.warmup and shape:
+                try:
+                    self.warm_up(shape)
+                except Exception as exc:
+                    self._error(f"model warm-up failed: {_describe(exc)}", 0)
+            self._open_writer(marker.payload.get("sequence"), shape, marker.payload)
+        elif marker.kind == FINISH:
+            self._close_writer()
+            self._emit_stats(force=True)
+        elif marker.kind == STOP:
+            self._close_writer()
+            return True
+        return False
+
+    def _open_writer(self, sequence: Any, shape: Any, payload: Mapping[str, Any]) -> None:
+        if self.result_writer is None or sequence is None or shape is None:
+            return
+        try:
+            self.result_writer.open(
+                sequence,
+                shape,
+                channels=self.channels,
+                metadata=self.restorer.describe(),
+                pixel_size_um=payload.get("pixel_size_um"),
+            )
+            self._writer_open = True
+        except Exception as exc:
+            self._error(f"cTIRF results are not being saved: {_describe(exc)}", 0)
+
+    def _close_writer(self) -> None:
+        if self._writer_open and self.result_writer is not None:
+            self._writer_open = False
+            try:
+                self.result_writer.close()
+            except Exception as exc:
+                self._error(f"could not close the cTIRF store: {_describe(exc)}", 0)
+
+    # -- signals ----------------------------------------------------------------------
+
+    def _emit(self, signal: Any, *args: Any) -> None:
+        try:
+            signal.emit(*args)
+        except Exception as exc:  # a failing slot must not stop processing
+            log.warning("a %s slot raised: %s", getattr(signal, "name", "signal"), exc)
+
+    def _emit_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and (not self._stats_dirty or now - self._last_stats_emit < STATS_INTERVAL_S):
+            return
+        self._stats_dirty = False
+        self._last_stats_emit = now
+        self._emit(self.statsChanged, self.stats)
+
+
+def _lower_thread_priority(step: int = WORKER_NICENESS) -> None:
+    """Make the calling thread (and the compute threads it starts) yield to acquisition.
+
+    On Linux `nice` is per thread and inherited by threads it creates (torch's CPU
+    pool for this thread), so camera, stage and writer threads win whenever the CPU is
+    short. Elsewhere, or if refused, nothing changes.
+    """
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(current + step, 19))
+    except OSError as exc:
+        log.debug("could not lower the worker's priority: %s", exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class _LivePoller(threading.Thread):
+    """Feeds continuous live-mode frames to a processor (see `attach_live`)."""
+
+    def __init__(
+        self, processor: LiveProcessor, core: CMMCorePlus, interval_s: float | None
+    ) -> None:
+        super().__init__(name="ctirf-live-poller", daemon=True)
+        self.processor, self.core, self.interval_s = processor, core, interval_s
+        self._stop_event = threading.Event()
+        self._last_number: int | None = None
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(2.0)
+
+    def _interval(self) -> float:
+        if self.interval_s is not None:
+            return self.interval_s
+        try:
+            return min(max(self.core.getExposure() / 2000.0, 0.005), 0.05)
+        except Exception:
+            return 0.02
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval()):
+            try:
+                if not self.core.isSequenceRunning() or self.core.mda.is_running():
+                    self._last_number = None
+                    continue
+                self._poll()
+            except Exception as exc:
+                self.processor._error(f"live polling failed: {_describe(exc)}", 0)
+
+    def _poll(self) -> None:
+        p = self.processor
+        try:
+            image, md = self.core.getLastImageAndMD()
+        except (IndexError, RuntimeError):
+            return
+        t = time.perf_counter()
+        number = int(dict(md).get("ImageNumber", -1))
+        if number == self._last_number:
+            return
+        missed = number - self._last_number - 1 if self._last_number is not None else 0
+        self._last_number = number
+        if p.channel_group:
+            preset = self.core.getCurrentConfigFromCache(p.channel_group)
+            if preset and preset not in p.channels:
+                p._count("ignored", 1 + max(missed, 0))
+                return
+        if missed > 0:
+            p._count("acquired", missed)
+            p._count("skipped", missed)
+        p._file_frame(image, None, t, live=True)

@@ -1,0 +1,186 @@
+"""How the live worker runs the model: on the CPU, or streamed through a CUDA GPU.
+
+Both runners split one restoration into `stage` (get the pixels to the device),
+`launch` (start the model) and `finish` (wait, return a numpy result), so the worker
+can stage frame n+1 while frame n computes.
+
+`CudaRunner` is the GPU path: each frame is copied into a reused page-locked (pinned)
+host buffer and sent to the GPU on a dedicated copy stream, so the transfer of the next
+frame overlaps the current frame's compute on a second stream. Normalisation (Eq. 1),
+tiling, blending and rescaling happen on the GPU as `Restorer` does them on the host;
+half precision follows `Restorer.half` (autocast). Results come back through pinned
+buffers too. `CpuRunner` simply calls `Restorer.restore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctirf_live.data.normalize import EPS
+from ctirf_live.inference.restorer import Restorer
+from ctirf_live.inference.tiling import MIN_WEIGHT, blend_window, plan_tiles
+
+
+class CpuRunner:
+    """Synchronous restoration with `Restorer.restore` (any device, no pipelining)."""
+
+    pipelined = False
+
+    def __init__(self, restorer: Restorer) -> None:
+        self.restorer = restorer
+
+    def stage(self, data: np.ndarray) -> np.ndarray:
+        return data
+
+    def launch(self, staged: np.ndarray) -> np.ndarray:
+        return self.restorer.restore(staged)
+
+    def finish(self, launched: np.ndarray) -> np.ndarray:
+        return launched
+
+    def warmup(self, shape: tuple[int, ...]) -> None:
+        """Run the model once at the frame size so the first real frame is not slowed."""
+        self.restorer.warmup(shape[-2:])
+
+
+def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """np.percentile's linear interpolation, on the tensor's device, without a sync."""
+    flat = x.reshape(-1)
+    pos = q / 100.0 * (flat.numel() - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    v_lo = flat.kthvalue(lo + 1).values
+    if hi == lo:
+        return v_lo
+    v_hi = flat.kthvalue(hi + 1).values
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+@torch.inference_mode()
+def restore_tensor(restorer: Restorer, x: torch.Tensor) -> torch.Tensor:
+    """`Restorer.restore` on a float tensor already on the model's device.
+
+    `x` is a frame `(Y, X)`, a series `(N, Y, X)` for a 2D net (each slice normalised on
+    its own) or a stack `(Z, Y, X)` for a 3D net. Returns cTIRF in the input's scale.
+    """
+    if restorer.dims == 2 and x.ndim == 3:
+        return torch.stack([restore_tensor(restorer, s) for s in x])
+    scale = _percentile(x, restorer.percentile)
+    scale = torch.where(scale <= EPS, x.max(), scale).clamp_min(EPS)
+    norm = (x / scale).clamp(0.0, 1.0)
+    tile = restorer.tile
+    tiles = plan_tiles(tuple(norm.shape[-2:]), tile, min(restorer.overlap, tile // 2))
+    if len(tiles) == 1:
+        return _forward(restorer, norm[None])[0] * scale
+    acc = torch.zeros_like(norm)
+    weight = torch.zeros(norm.shape[-2:], dtype=norm.dtype, device=norm.device)
+    groups: dict[tuple[int, int], list] = {}
+    for t in tiles:
+        groups.setdefault((t.y1 - t.y0, t.x1 - t.x0), []).append(t)
+    for size, group in groups.items():
+        w = torch.from_numpy(blend_window(size, restorer.overlap)).to(norm.device)
+        for i in range(0, len(group), restorer.batch_size):
+            batch = group[i : i + restorer.batch_size]
+            crops = torch.stack([norm[(..., *t.slices)] for t in batch])
+            for t, res in zip(batch, _forward(restorer, crops), strict=True):
+                ys, xs = t.slices
+                acc[..., ys, xs] += res * w
+                weight[ys, xs] += w
+    return acc / weight.clamp_min(MIN_WEIGHT * MIN_WEIGHT) * scale
+
+
+def _forward(restorer: Restorer, batch: torch.Tensor) -> torch.Tensor:
+    x = batch[:, None].float()
+    if restorer.half and x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = restorer.model(x)
+    else:
+        out = restorer.model(x)
+    return out.ctirf[:, 0].float()
+
+
+@dataclass
+class _Staged:
+    tensor: torch.Tensor
+    ready: Any
+
+
+@dataclass
+class _Launched:
+    host: torch.Tensor
+    done: Any
+
+
+class CudaRunner:
+    """Pinned host buffers + a copy stream and a compute stream on one CUDA device."""
+
+    pipelined = True
+
+    def __init__(self, restorer: Restorer) -> None:
+        if restorer.device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError("CudaRunner needs a Restorer on an available CUDA device")
+        self.restorer = restorer
+        self.device = restorer.device
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.compute_stream = torch.cuda.Stream(self.device)
+        self._in: dict[tuple[int, ...], list] = {}
+        self._out: dict[tuple[int, ...], list] = {}
+
+    @staticmethod
+    def _slot(pool: dict, shape: tuple[int, ...]) -> torch.Tensor:
+        """The next of two pinned buffers for `shape` (one in flight, one being filled)."""
+        entry = pool.get(shape)
+        if entry is None:
+            buffers = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(2)]
+            entry = pool[shape] = [buffers, 0]
+        entry[1] ^= 1
+        return entry[0][entry[1]]
+
+    def stage(self, data: np.ndarray) -> _Staged:
+        """Copy into pinned memory and start the host-to-device transfer (non-blocking)."""
+        host = self._slot(self._in, tuple(data.shape))
+        np.copyto(host.numpy(), data, casting="unsafe")
+        with torch.cuda.stream(self.copy_stream):
+            dev = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return _Staged(dev, ready)
+
+    def launch(self, staged: _Staged) -> _Launched:
+        """Queue normalisation, the tiled model and the copy back on the compute stream."""
+        with torch.cuda.stream(self.compute_stream):
+            self.compute_stream.wait_event(staged.ready)
+            staged.tensor.record_stream(self.compute_stream)
+            out = restore_tensor(self.restorer, staged.tensor)
+            host = self._slot(self._out, tuple(out.shape))
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.compute_stream)
+        return _Launched(host, done)
+
+    def finish(self, launched: _Launched) -> np.ndarray:
+        """Wait for the result and hand back a copy the caller may keep."""
+        launched.done.synchronize()
+        return launched.host.numpy().copy()
+
+    def warmup(self, shape: tuple[int, ...]) -> None:
+        """Warm up both paths (cuDNN autotuning, allocator) at the frame size."""
+        self.restorer.warmup(shape[-2:])
+        r = self.restorer
+        planes = (int(r.metadata.get("planes") or 6),) if r.dims == 3 else ()
+        dummy = np.zeros((*planes, *shape[-2:]), np.float32)
+        dummy[..., shape[-2] // 2, shape[-1] // 2] = 1.0
+        self.finish(self.launch(self.stage(dummy)))
+
+
+def make_runner(restorer: Restorer) -> CpuRunner | CudaRunner:
+    """The CUDA streaming runner on a CUDA restorer, the plain one otherwise."""
+    if restorer.device.type == "cuda" and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            return CudaRunner(restorer)
+    return CpuRunner(restorer)
