@@ -2,8 +2,11 @@
 
 Usage::
 
-    python benchmarks/bench_backbone.py --variants tiny S0 --device cpu
-    python benchmarks/bench_backbone.py --device cuda
+    python -m benchmarks.bench_backbone --variants tiny S0 --device cpu
+    python -m benchmarks.bench_backbone --device cuda --write
+
+With ``--write`` the table (and the ET2dNet training-step rate, S0, batch 4) goes into
+the "Backbone speed" section of ``benchmarks/RESULTS.md``.
 
 Forward pass, batch 1, ``torch.no_grad``, eval mode, after a warm-up run; the reported
 time is the median of ``--repeats`` runs. The large frame (2048 x 2048 by default) is
@@ -14,12 +17,18 @@ linear in area) fits in ``--max-seconds``; otherwise the table says so.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
+from datetime import date
 
 import torch
 
+from benchmarks.results import update_section
+from ctirf_live.config import LossWeights, Optics
+from ctirf_live.models.etnet import ET2dNet
 from ctirf_live.models.evit_unet import VARIANTS, EViTUNet, count_parameters, estimate_flops
+from ctirf_live.training.losses import HybridLoss
 
 
 def time_forward(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -56,7 +65,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the large frame when its estimated time exceeds this",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--train-crops", type=int, nargs="*", default=[256, 512])
+    p.add_argument("--write", action="store_true", help="record the results in RESULTS.md")
     return p.parse_args(argv)
+
+
+def train_steps_per_s(device: torch.device, crop: int, steps: int = 4) -> float:
+    """ET2dNet S0 hybrid-loss training steps per second (batch 4, AdamW), after a warm-up."""
+    model = ET2dNet(Optics(), "S0").to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    loss_fn = HybridLoss(LossWeights())
+    x = torch.rand(4, 1, crop, crop, device=device)
+    y = torch.rand(4, 1, crop, crop, device=device)
+
+    def step() -> None:
+        out = model(x)
+        loss, _ = loss_fn(out.ctirf, y, out.recon, x, out.g, out.b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header)
     print("-" * len(header))
+    rows = []
     for name in args.variants:
         model = EViTUNet(name).eval()
         params = count_parameters(model) / 1e6
@@ -90,9 +126,43 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{name:>8} {params:>10.2f} {gflops:>12.1f} {ms_small:>10.1f} {large:>12}", flush=True
         )
+        rows.append(f"| {name} | {params:.2f} | {gflops:.1f} | {ms_small:.0f} | {large} |")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    rates = []
+    for crop in args.train_crops:
+        rate = train_steps_per_s(device, crop)
+        print(f"training S0 batch 4 crop {crop}: {rate:.2f} steps/s", flush=True)
+        rates.append(f"| {crop}x{crop} | {rate:.2f} | {4 * rate:.1f} |")
+    if args.write:
+        _write(args, device, rows, rates)
+
+
+def _write(
+    args: argparse.Namespace, device: torch.device, rows: list[str], rates: list[str]
+) -> None:
+    s, big = args.size, args.large
+    where = platform.processor() or platform.machine()
+    command = f"python -m benchmarks.bench_backbone --device {device} --write"
+    text = f"""Command: `{command}` ({date.today()})
+
+Machine: {where}, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads.
+EViT-UNet forward, batch 1, no_grad, median of {args.repeats} after a warm-up; the
+{big}x{big} frame is timed once, and skipped when its estimate exceeds
+{args.max_seconds:g} s. GFLOPs counted with torch's FlopCounterMode.
+
+| variant | parameters (M) | GFLOPs at {s}x{s} | ms per {s}x{s} | ms per {big}x{big} |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+ET2dNet S0 training (hybrid loss, AdamW, batch 4):
+
+| crop | steps/s | crops/s |
+|---|---|---|
+{chr(10).join(rates)}
+"""
+    update_section(f"Backbone speed ({device.type})", text)
 
 
 if __name__ == "__main__":
