@@ -19,7 +19,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
-from scipy import signal
 
 from ctirf_live.data.normalize import normalize
 
@@ -335,26 +334,12 @@ def reslice(stack: np.ndarray, axis: Literal["xz", "yz"] = "xz") -> np.ndarray:
     raise ValueError(f"axis must be 'xz' or 'yz', got {axis!r}")
 
 
-def _resample_z(stack: np.ndarray, factor: float) -> np.ndarray:
-    """Fourier-resample Z by `factor`, adding no frequencies.
-
-    Linear interpolation would leave spectral images above the old Nyquist frequency
-    that the analysis reads as signal. The stack is mirrored first so that the FFT sees
-    no jump between its ends.
-    """
-    nz = stack.shape[0]
-    mirrored = np.concatenate([stack, stack[::-1]], axis=0)
-    out = signal.resample(mirrored, round(2 * nz * factor), axis=0)
-    return out[: round(nz * factor)].astype(np.float32)
-
-
 def axial_cutoff(
     stack: np.ndarray,
     axis: Literal["xz", "yz"] = "xz",
     n_sectors: int = 8,
     sector: int | None = None,
     max_sections: int = 32,
-    z_scale: float = 1.0,
     n_r: int = 50,
     n_g: int = 10,
 ) -> float:
@@ -364,9 +349,9 @@ def axial_cutoff(
     row frequency axis: `n_sectors // 2` (0-based), which for 8 sectors is the paper's
     "fifth sector". Up to `max_sections` evenly spaced sections are analysed; constant
     ones (nothing to measure) are skipped. kc is normalised to the Z Nyquist frequency,
-    so the axial resolution is 2 * z_step / kc. `z_scale` = z_step / pixel_size != 1
-    first resamples Z to the lateral sampling (Fourier interpolation); kc is then
-    relative to the lateral Nyquist frequency and the resolution is 2 * pixel_size / kc.
+    so the axial resolution is 2 * z_step / kc. Z is deliberately not resampled to the
+    lateral sampling: interpolating Z leaves a band with no noise below the new Nyquist
+    frequency, which the analysis mistakes for signal (kc near 1 on any noisy stack).
     """
     if sector is None:
         if n_sectors % 2:
@@ -375,10 +360,6 @@ def axial_cutoff(
     arr = np.asarray(stack, dtype=np.float32)
     if arr.ndim != 3:
         raise ValueError(f"expected a stack (Z, Y, X), got shape {arr.shape}")
-    if z_scale <= 0:
-        raise ValueError(f"z_scale must be positive, got {z_scale}")
-    if z_scale != 1.0:
-        arr = _resample_z(arr, z_scale)
     sections = reslice(arr, axis)
     count = min(max_sections, len(sections))
     picks = np.unique(np.linspace(0, len(sections) - 1, count).round().astype(int))
