@@ -23,23 +23,13 @@ import torch
 from ctirf_live.config import Optics
 from ctirf_live.data.normalize import normalize
 from ctirf_live.inference.tiling import Blender, iter_batches, plan_tiles
+from ctirf_live.models.device import select_device
 from ctirf_live.models.etnet import ETNet, load_model
 
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 32
 OUTPUTS = ("ctirf", "g", "background")
-
-
-def select_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA, then MPS, then CPU; anything else as given."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def pixel_size_warning(model_optics: Optics, pixel_size_um: float | None) -> str | None:

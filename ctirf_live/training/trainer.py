@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader
 from ctirf_live.config import Optics, TrainSettings
 from ctirf_live.data.loaders import CropDataset, PairSource, split_by_field
 from ctirf_live.models.checkpoint import CheckpointError, check_state_dict, load_checkpoint
+from ctirf_live.models.device import select_device
 from ctirf_live.models.etnet import ETNet, load_model, save_model
 from ctirf_live.training.losses import HybridLoss, structural_similarity
 
@@ -94,18 +95,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     last_path: Path
     notes: list[str] = field(default_factory=list)
-
-
-def select_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
