@@ -145,7 +145,8 @@ class PairSource:
         Uses its own drift-free `SimulatedMicroscope(seed)` (pairs are registered by
         construction), focus z = 0 for both modes, a centred `roi` x `roi` camera ROI.
         Each field is centred within a few micrometres of a cell. The noise-free TIRF
-        (`FramePair.truth`) is kept for evaluation.
+        (`FramePair.truth`, in camera units with the offset, like the measured frames) is
+        kept for evaluation.
         """
         from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
 
@@ -168,7 +169,7 @@ class PairSource:
                 epi = scope.snap().astype(np.float32)
                 scope.set_illumination("TIRF")
                 tirf = scope.snap().astype(np.float32)
-                truth = scope.ground_truth_tirf().astype(np.float32)
+                truth = scope.ground_truth_tirf(camera_units=True).astype(np.float32)
                 pairs.append(FramePair(epi, tirf, f"sim:{x:.1f},{y:.1f}", truth))
                 advance()
         description = f"synthetic {n} ({optics_objective}, seed {seed}, {roi} px)"

@@ -533,10 +533,18 @@ class SimulatedMicroscope:
                 return np.zeros(self.frame_shape, np.float32)
             return self._image(mode, drift=True)
 
-    def ground_truth_tirf(self) -> np.ndarray:
-        """Noise-free TIRF image of the current field at the current focus, without drift."""
+    def ground_truth_tirf(self, camera_units: bool = False) -> np.ndarray:
+        """Noise-free TIRF image of the current field at the current focus, without drift.
+
+        In expected photo-electrons, or with `camera_units` as a noiseless camera would
+        record it (ADU, offset included): the like-for-like reference for anything
+        trained on or compared with measured TIRF frames.
+        """
         with self.lock:
-            return self._image("TIRF", drift=False)
+            electrons = self._image("TIRF", drift=False)
+        if not camera_units:
+            return electrons
+        return electrons / np.float32(ELECTRONS_PER_ADU) + np.float32(OFFSET_ADU)
 
     def in_focus_section(self) -> np.ndarray:
         """The specimen's `SECTION_THICKNESS_UM` section at `z_um`, in-focus PSF, EPI scale.
