@@ -10,8 +10,6 @@ fsynced and renamed, so an interrupted write never leaves a truncated image behi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,10 @@ from typing import Any
 
 import numpy as np
 import tifffile
+
+from ctirf_live.atomic import atomic_write, atomic_write_json
+
+__all__ = ["TiffInfo", "atomic_write_json", "read_ome_tiff", "write_ome_tiff"]
 
 NAMESPACE = "ctirf-live"
 KEY = "ctirf"
@@ -33,26 +35,6 @@ class TiffInfo:
     z_step_um: float | None = None
     channel_names: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write bytes to `path` atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically, pretty-printed (humans read manifests)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def write_ome_tiff(
@@ -91,16 +73,10 @@ def write_ome_tiff(
             "Value": {KEY: json.dumps(metadata, default=str)},
         }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tifffile.imwrite(tmp, data, ome=True, metadata=ome, photometric="minisblack")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        path,
+        lambda tmp: tifffile.imwrite(tmp, data, ome=True, metadata=ome, photometric="minisblack"),
+    )
     return path
 
 

@@ -20,13 +20,10 @@ the old checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import platform
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +36,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from ctirf_live import __version__
+from ctirf_live.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -110,27 +108,6 @@ def _cpu_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a temp file beside `path`, fsync it, then rename it over `path`."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def sidecar_path(path: str | Path) -> Path:
     """The human-readable `<name>.json` beside a checkpoint."""
     return Path(path).with_suffix(".json")
@@ -152,9 +129,9 @@ def save_checkpoint(
     tensors = _cpu_tensors(state_dict)
     header = {METADATA_KEY: json.dumps(meta)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
     sidecar_text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(sidecar_text))
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(sidecar_text))
     return path
 
 

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -49,6 +47,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from ctirf_live.atomic import atomic_write
 from ctirf_live.config import Optics, TrainSettings
 from ctirf_live.data.loaders import CropDataset, PairSource, split_by_field
 from ctirf_live.models.checkpoint import CheckpointError, check_state_dict, load_checkpoint
@@ -451,7 +450,7 @@ class _Run:
             for k, v in tensors.items()
         }
         meta = {RESUME_KEY: json.dumps(_json_roundtrip(header))}
-        _atomic(self.out / RESUME, lambda tmp: safetensors.torch.save_file(cpu, tmp, meta))
+        atomic_write(self.out / RESUME, lambda tmp: safetensors.torch.save_file(cpu, tmp, meta))
 
     def _load_resume_state(self) -> bool:
         """Restore the last finished epoch from `out`; False when there is none."""
@@ -497,7 +496,7 @@ class _Run:
     def _rewrite_logs(self) -> None:
         """Make metrics.jsonl / steps.jsonl match the restored history (drop later lines)."""
         lines = "".join(json.dumps(rec) + "\n" for rec in self.history)
-        _atomic(self.out / METRICS, lambda tmp: tmp.write_text(lines))
+        atomic_write(self.out / METRICS, lambda tmp: tmp.write_text(lines))
         steps = self.out / STEPS
         if steps.is_file():
             kept = [
@@ -506,7 +505,7 @@ class _Run:
                 if line.strip() and json.loads(line)["step"] <= self.step
             ]
             text = "".join(f"{line}\n" for line in kept)
-            _atomic(steps, lambda tmp: tmp.write_text(text))
+            atomic_write(steps, lambda tmp: tmp.write_text(text))
 
     def _start_fresh(self) -> None:
         for name in (RESUME, METRICS, STEPS):
@@ -713,14 +712,3 @@ def _progress_bar(show: bool) -> Any:
     )
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file beside `path`, then rename it into place."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
