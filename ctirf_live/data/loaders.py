@@ -156,7 +156,7 @@ class PairSource:
             raise DatasetError(f"synthetic frames must be 32-{min(SENSOR_SHAPE)} px, got {roi}")
         scope = SimulatedMicroscope(seed=seed, drift_px=0.0)
         scope.objective = optics_objective
-        scope.roi = ((SENSOR_SHAPE[1] - roi) // 2, (SENSOR_SHAPE[0] - roi) // 2, roi, roi)
+        scope.centre_roi(roi)
         scope.exposure_ms = float(exposure_ms)
         scope.z_um = 0.0
         side_um = roi * scope.pixel_size_um()

@@ -61,7 +61,7 @@ def simulated_stack(
         raise ValueError(f"simulated stack frames must be 32-{min(SENSOR_SHAPE)} px, got {size}")
     scope = SimulatedMicroscope(seed=seed, drift_px=0.0)
     scope.objective = objective
-    scope.roi = ((SENSOR_SHAPE[1] - size) // 2, (SENSOR_SHAPE[0] - size) // 2, size, size)
+    scope.centre_roi(size)
     scope.exposure_ms = float(exposure_ms)
     scope.set_illumination("EPI")
     cell = cell_at(seed, 0, 0)

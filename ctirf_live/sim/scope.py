@@ -320,6 +320,10 @@ class SimulatedMicroscope:
     def illumination(self, mode: str) -> None:
         self.set_illumination(mode)
 
+    def centre_roi(self, size: int) -> None:
+        """A centred `size` x `size` ROI (sensor pixels), as the demo and data makers use."""
+        self.roi = ((SENSOR_SHAPE[1] - size) // 2, (SENSOR_SHAPE[0] - size) // 2, size, size)
+
     def set_illumination(self, mode: str) -> None:
         """Switch EPI/TIRF; a real switch nudges the stage: a new drift below 2 px."""
         if mode not in MODES:
