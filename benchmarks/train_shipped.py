@@ -55,6 +55,29 @@ def held_out_scores(model_path: Path, source: PairSource) -> dict[str, dict[str,
     return out
 
 
+def warm_start(model: torch.nn.Module, checkpoint: Path) -> list[str]:
+    """Load a checkpoint's weights into `model`; new layers' output projections start at 0.
+
+    Returns the names of the parameters the checkpoint did not have. The attention
+    upsample at 1/16 -> 1/8 adds to a transposed conv, so with its last BatchNorm scaled
+    to zero the warm-started network computes exactly what the checkpoint did.
+    """
+    from ctirf_live.models.checkpoint import load_checkpoint
+
+    state, _ = load_checkpoint(checkpoint)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    own = model.state_dict()
+    unexpected = [k for k in weights if k not in own]
+    if unexpected:
+        raise SystemExit(f"{checkpoint} has layers this model lacks: {unexpected[:3]}")
+    missing = [k for k in own if k not in weights]
+    model.load_state_dict(weights, strict=False)
+    for name, module in model.named_modules():
+        if name.endswith("ups.1.attn.proj"):
+            torch.nn.init.zeros_(module.bn.weight)
+    return missing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", default="S0")
@@ -62,7 +85,26 @@ def main() -> None:
     parser.add_argument("--val-pairs", type=int, default=16)
     parser.add_argument("--test-pairs", type=int, default=20)
     parser.add_argument("--roi", type=int, default=512)
-    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=512)
+    parser.add_argument(
+        "--families",
+        default="factin,factin,membrane,tissue",
+        help="specimen families of the training pairs, cycled (ctirf_live.sim.sample.FAMILIES)",
+    )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="checkpoint to warm-start from; layers it lacks (the 1/16 -> 1/8 attention "
+        "upsample) start at zero so the network starts as that checkpoint",
+    )
+    parser.add_argument(
+        "--attn-up-eighth",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="attention upsample at 1/16 -> 1/8 as well as 1/32 -> 1/16",
+    )
+    parser.add_argument("--warmup-epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--samples-per-epoch", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("runs/shipped_s0"))
@@ -73,7 +115,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    test_src = PairSource.synthetic(args.test_pairs, "60X", seed=3, roi=args.roi)
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    test_src = PairSource.synthetic(args.test_pairs, "60X", seed=3, roi=512)
     if args.score_only:
         previous = json.loads((args.out / "benchmark.json").read_text())
         render_s, train_s = previous["render_s"], previous["train_s"]
@@ -85,16 +128,28 @@ def main() -> None:
         )
     else:
         t0 = time.perf_counter()
-        train_src = PairSource.synthetic(args.pairs, "60X", seed=1, roi=args.roi)
-        val_src = PairSource.synthetic(args.val_pairs, "60X", seed=2, roi=args.roi)
+        train_src = PairSource.synthetic(
+            args.pairs, "60X", seed=1, roi=args.roi, families=families
+        )
+        val_src = PairSource.synthetic(
+            args.val_pairs, "60X", seed=2, roi=args.crop, families=families
+        )
         render_s = time.perf_counter() - t0
         settings = TrainSettings(
-            epochs=args.epochs, warmup_epochs=5, crop=args.crop, batch_size=4, seed=0
+            epochs=args.epochs,
+            warmup_epochs=args.warmup_epochs,
+            lr=args.lr,
+            crop=args.crop,
+            batch_size=4,
+            seed=0,
         )
         torch.manual_seed(0)
+        model = ET2dNet(train_src.optics, args.variant, attn_up_eighth=args.attn_up_eighth)
+        if args.init_from:
+            warm_start(model, Path(args.init_from))
         t1 = time.perf_counter()
         result = train(
-            ET2dNet(train_src.optics, args.variant),
+            model,
             train_src,
             val_src,
             settings,

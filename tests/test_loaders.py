@@ -166,6 +166,6 @@ def test_synthetic_pairs_are_distinct_fields_with_sharper_tirf() -> None:
         truth = pair.truth.ravel()
         r_tirf = np.corrcoef(pair.tirf.ravel(), truth)[0, 1]
         r_epi = np.corrcoef(pair.epi.ravel(), truth)[0, 1]
-        assert r_tirf > 0.95 and r_tirf > r_epi + 0.1
+        assert r_tirf > 0.9 and r_tirf > r_epi + 0.1
     other = PairSource.synthetic(1, "100X", seed=1, roi=64, progress=False)
     assert other.optics.objective == "100X"

@@ -189,3 +189,31 @@ def test_load_psf_tiff_rejects_bad_input(tmp_path) -> None:
     tifffile.imwrite(tmp_path / "line.tif", rng.random((1, 1, 12)).astype(np.float32))
     with pytest.raises(ValueError, match="shape"):
         load_psf_tiff(tmp_path / "line.tif")
+
+
+def test_gibson_lanni_matches_born_wolf_in_focus_at_the_coverslip() -> None:
+    from ctirf_live.optics.psf import depth_psf
+
+    optics = Optics()
+    gl = depth_psf(optics, 65, 0.0, 0.0)
+    bw = born_wolf_psf(optics, 65, 0.0)
+    assert gl.sum() == pytest.approx(1.0, rel=1e-6)
+    assert gl.max() == pytest.approx(bw.max(), rel=0.05)
+
+
+def test_gibson_lanni_into_water_differs_from_born_wolf_out_of_focus() -> None:
+    from ctirf_live.optics.psf import depth_psf
+
+    optics = Optics()  # NA 1.5 oil objective, aqueous sample
+    stage = np.round(np.arange(0.0, 2.01, 0.05), 3)
+    gl = depth_psf(optics, 65, 1.0, list(stage))  # an emitter 1 um up
+    bw = born_wolf_psf(optics, 65, [1.0])[0]
+    # focused on the coverslip, the emitter is dimmer and wider than the paraxial model says
+    assert gl[0].max() < 0.8 * bw.max()
+    # focal shift: the stage must move further than 1 um to bring it into focus
+    best = stage[int(np.argmax(gl.max(axis=(1, 2))))]
+    assert 1.1 <= best <= 1.4
+    # supercritical-angle light only reaches the objective from near the glass
+    assert gl[int(np.argmax(gl.max(axis=(1, 2))))].sum() < 0.9
+    with pytest.raises(ValueError, match="above the coverslip"):
+        depth_psf(optics, 33, -0.5, 0.0)

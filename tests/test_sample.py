@@ -98,3 +98,47 @@ def test_axial_profiles_partition_unity_and_integrate_to_the_plane_thickness() -
 def test_field_rendering_only_touches_overlapping_cells() -> None:
     r = sample.SpecimenRenderer(0, (0.0, 0.0), (32, 32), PX, PLANES)
     assert 1 <= len(r.cells) <= 4
+
+
+@pytest.mark.parametrize("family", sample.FAMILIES)
+def test_every_family_renders_its_own_deterministic_specimen(family: str) -> None:
+    a = render_volume(2, (1.0, 2.0), (48, 48), PX, PLANES, family)
+    b = render_volume(2, (1.0, 2.0), (48, 48), PX, PLANES, family)
+    assert a.sum() > 0
+    np.testing.assert_array_equal(a, b)
+    other = next(f for f in sample.FAMILIES if f != family)
+    assert not np.allclose(a, render_volume(2, (1.0, 2.0), (48, 48), PX, PLANES, other))
+
+
+def test_dense_factin_cells_fill_the_frame_and_are_thick() -> None:
+    stats = [
+        sample.field_statistics(3, (37.0 * i, 41.0 * j), 50.0, "factin")
+        for i in range(3)
+        for j in range(2)
+    ]
+    assert np.mean([s["cell_fraction"] for s in stats]) > 0.7
+    assert np.mean([s["mean_height_um"] for s in stats]) > 2.0
+    cell = cell_at(3, 1, 1, "factin")
+    segments, puncta = cell.content
+    z_mid = 0.5 * (segments[:, 2] + segments[:, 5])
+    # ventral meshwork and fibres, structure 0.3-1.5 um up, cap fibres 3-5 um up
+    assert np.mean(z_mid < 0.3) > 0.1 and np.mean((z_mid > 0.3) & (z_mid < 1.5)) > 0.2
+    assert np.any((z_mid > 3.0) & (z_mid < 5.5))
+    assert np.any(puncta[:, 2] > 7.0)  # floating cells / debris above the cells
+
+
+def test_membrane_and_tissue_families_have_structure_at_every_depth() -> None:
+    cell = cell_at(4, 0, 0, "membrane")
+    _, puncta = cell.content
+    inside = puncta[puncta[:, 2] < 7.0]
+    assert np.any(inside[:, 2] < 0.05) and np.any(inside[:, 2] > 1.5)  # basal + vesicles
+    depth = sample.tissue_thickness_um(4)
+    assert 5.0 <= depth <= 10.0
+    z = np.concatenate(
+        [cell_at(4, i, j, "tissue").content[0][:, 2] for i in range(3) for j in range(3)]
+    )
+    assert z.min() < 0.3 and z.max() > 0.6 * depth
+    vol = render_volume(4, (0.0, 0.0), (40, 40), PX, PLANES, "tissue")
+    assert vol[PLANES > depth + 1.5].sum() < vol[PLANES <= depth].sum()  # slab ends at its top
+    with pytest.raises(ValueError, match="choose one of"):
+        cell_at(4, 0, 0, "yeast")

@@ -46,6 +46,7 @@ origin, away from the fields the demo rig's calibration visits near home."""
 
 _SYNTHETIC_OFFSET_UM = 6.0
 _PROGRESS_FROM = 8
+SYNTHETIC_EXPOSURE_MS = (10.0, 100.0)
 
 
 @dataclass
@@ -137,43 +138,76 @@ class PairSource:
         optics_objective: str = "60X",
         seed: int = 0,
         roi: int = 256,
-        exposure_ms: float = 100.0,
+        exposure_ms: float | tuple[float, float] | None = None,
         progress: bool = True,
+        families: Sequence[str] = ("factin",),
     ) -> PairSource:
         """Render `n` noisy EPI/TIRF pairs of distinct, non-overlapping fields with cells.
 
-        Uses its own drift-free `SimulatedMicroscope(seed)` (pairs are registered by
-        construction), focus z = 0 for both modes, a centred `roi` x `roi` camera ROI.
-        Each field is centred within a few micrometres of a cell. The noise-free TIRF
-        (`FramePair.truth`, in camera units with the offset, like the measured frames) is
-        kept for evaluation.
+        Pair i is drawn from slide `seed` of specimen family `families[i % len]` (see
+        `ctirf_live.sim.sample.FAMILIES`), each with its own drift-free
+        `SimulatedMicroscope` (pairs are registered by construction), focus z = 0 for both
+        modes, a centred `roi` x `roi` camera ROI. Each field is centred within a few
+        micrometres of a cell. The exposure is `exposure_ms`, or drawn per pair
+        log-uniformly from a (low, high) range (default 10-100 ms, as real pairs vary):
+        photon counts, hence noise, vary as on a real rig. The noise-free TIRF
+        (`FramePair.truth`, in camera units with offset and gain maps, like the measured
+        frames) is kept for evaluation.
         """
+        from ctirf_live.sim.sample import FAMILIES
         from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
 
         if n < 1:
             raise DatasetError(f"--synthetic needs at least 1 pair, got {n}")
         if not 32 <= roi <= min(SENSOR_SHAPE):
             raise DatasetError(f"synthetic frames must be 32-{min(SENSOR_SHAPE)} px, got {roi}")
-        scope = SimulatedMicroscope(seed=seed, drift_px=0.0)
-        scope.objective = optics_objective
-        scope.centre_roi(roi)
-        scope.exposure_ms = float(exposure_ms)
-        scope.z_um = 0.0
-        side_um = roi * scope.pixel_size_um()
-        positions = _synthetic_positions(n, seed, side_um)
+        families = tuple(families) or ("factin",)
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise DatasetError(
+                f"unknown specimen family {unknown[0]!r}; choose from {', '.join(FAMILIES)}"
+            )
+        if exposure_ms is None:
+            exposure_ms = SYNTHETIC_EXPOSURE_MS
+        low, high = (
+            (float(exposure_ms), float(exposure_ms))
+            if np.ndim(exposure_ms) == 0
+            else (float(exposure_ms[0]), float(exposure_ms[1]))  # type: ignore[index]
+        )
+        if not 0 < low <= high:
+            raise DatasetError(f"exposure must be positive (low <= high), got {exposure_ms} ms")
+        rng = np.random.default_rng([seed, 0xE4905])
+        exposures = np.exp(rng.uniform(math.log(low), math.log(high), n))
+        scopes, queues = {}, {}
+        for fam in dict.fromkeys(families):
+            scope = SimulatedMicroscope(seed=seed, drift_px=0.0, family=fam)
+            scope.objective = optics_objective
+            scope.centre_roi(roi)
+            scope.z_um = 0.0
+            count = sum(1 for i in range(n) if families[i % len(families)] == fam)
+            side_um = roi * scope.pixel_size_um()
+            scopes[fam] = scope
+            queues[fam] = iter(_synthetic_positions(count, seed, side_um, fam))
         pairs = []
         with _maybe_progress(progress and n >= _PROGRESS_FROM, n) as advance:
-            for x, y in positions:
+            for i in range(n):
+                fam = families[i % len(families)]
+                scope = scopes[fam]
+                x, y = next(queues[fam])
                 scope.xy_um = (x, y)
+                scope.exposure_ms = float(exposures[i])
                 scope.set_illumination("EPI")
                 epi = scope.snap().astype(np.float32)
                 scope.set_illumination("TIRF")
                 tirf = scope.snap().astype(np.float32)
                 truth = scope.ground_truth_tirf(camera_units=True).astype(np.float32)
-                pairs.append(FramePair(epi, tirf, f"sim:{x:.1f},{y:.1f}", truth))
+                pairs.append(FramePair(epi, tirf, f"sim:{fam}:{x:.1f},{y:.1f}", truth))
+                scope.clear_cache()
                 advance()
-        description = f"synthetic {n} ({optics_objective}, seed {seed}, {roi} px)"
-        return cls(pairs, scope.optics, description)
+        names = "+".join(dict.fromkeys(families))
+        description = f"synthetic {n} ({optics_objective}, {names}, seed {seed}, {roi} px)"
+        optics = next(iter(scopes.values())).optics
+        return cls(pairs, optics, description)
 
 
 class CropDataset(Dataset):
@@ -351,7 +385,9 @@ def _overlap_groups(
     return [f"field:{names[root(i)]}" for i in range(n)]
 
 
-def _synthetic_positions(n: int, seed: int, side_um: float) -> list[tuple[float, float]]:
+def _synthetic_positions(
+    n: int, seed: int, side_um: float, family: str = "factin"
+) -> list[tuple[float, float]]:
     """`n` stage positions near distinct cells whose frames (side `side_um`) never overlap."""
     from ctirf_live.sim.sample import cell_at
 
@@ -366,7 +402,7 @@ def _synthetic_positions(n: int, seed: int, side_um: float) -> list[tuple[float,
                 radius *= 2
             continue
         tried.add((i, j))
-        cell = cell_at(seed, i, j)
+        cell = cell_at(seed, i, j, family)
         if cell is None:
             continue
         x = cell.cx + float(rng.uniform(-_SYNTHETIC_OFFSET_UM, _SYNTHETIC_OFFSET_UM))

@@ -76,13 +76,19 @@ class ETNet(nn.Module):
         psf_model: str = "born_wolf",
         psf: np.ndarray | None = None,
         drop_path: float = 0.0,
+        attn_up_eighth: bool = False,
     ) -> None:
         super().__init__()
         self.optics = optics
         self.dims = dims
         self.psf_model = "measured" if psf is not None else psf_model
         self.backbone = EViTUNet(
-            variant, in_channels=1, out_channels=2, dims=dims, drop_path=drop_path
+            variant,
+            in_channels=1,
+            out_channels=2,
+            dims=dims,
+            drop_path=drop_path,
+            attn_up_eighth=attn_up_eighth,
         )
         kernel = psf if psf is not None else make_psf(optics, dims, psf_model)
         if kernel.ndim != dims:
@@ -112,15 +118,14 @@ class ETNet(nn.Module):
 
     def arch_config(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this network."""
-        return {
-            "name": self.name,
-            "kwargs": {
-                "variant": self.backbone.arch_config()["variant"],
-                "dims": self.dims,
-                "psf_model": self.psf_model,
-            },
-            "backbone": self.backbone.arch_config(),
+        kwargs: dict[str, Any] = {
+            "variant": self.backbone.arch_config()["variant"],
+            "dims": self.dims,
+            "psf_model": self.psf_model,
         }
+        if self.backbone.attn_up_eighth:
+            kwargs["attn_up_eighth"] = True
+        return {"name": self.name, "kwargs": kwargs, "backbone": self.backbone.arch_config()}
 
 
 def ET2dNet(optics: Optics, variant: str = "S0", **kwargs: Any) -> ETNet:

@@ -10,8 +10,9 @@ Structure (paper Methods 4.4; EViT-UNet = EfficientFormerV2 blocks in a U-Net):
   and is upsampled back, as in EfficientFormerV2). 1/16 -> 1/32 is an attention
   downsample (queries from a strided path, keys/values from the full-resolution map)
   added to a strided conv; the other downsamples are strided convs.
-* decoder: the mirror image; 1/32 -> 1/16 is an attention upsample (queries from an
-  upsampled path, keys/values from the coarse map) added to a transposed conv, the other
+* decoder: the mirror image; 1/32 -> 1/16 (and, with ``attn_up_eighth``, 1/16 -> 1/8
+  as in the EViT-UNet reference) is an attention upsample (queries from an upsampled
+  path, keys/values from the coarse map) added to a transposed conv, the other
   upsamples are transposed convs; skips are fused with CCA-style channel gates computed
   from the globally pooled skip and decoder features.
 * head: two stride-2 transposed conv-BN-GELU back to full resolution, then a 1x1 conv to
@@ -477,6 +478,7 @@ class EViTUNet(nn.Module):
         dims: int = 2,
         drop_path: float = 0.0,
         attn_window: int = 16,
+        attn_up_eighth: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -492,10 +494,12 @@ class EViTUNet(nn.Module):
             "dims": int(dims),
             "drop_path": float(drop_path),
             "attn_window": int(attn_window),
+            "attn_up_eighth": bool(attn_up_eighth),
         }
         cfg = VARIANTS[variant]
         self.cfg, self.dims, self.in_channels = cfg, dims, in_channels
         self.attn_window = attn_window
+        self.attn_up_eighth = bool(attn_up_eighth)
         widths, depths = cfg["widths"], cfg["depths"]
         rates = torch.linspace(0.0, drop_path, sum(depths)).tolist()
         dpr = [rates[sum(depths[:i]) : sum(depths[: i + 1])] for i in range(4)]
@@ -545,11 +549,13 @@ class EViTUNet(nn.Module):
         return nn.Sequential(*blocks)
 
     def _resample_attn(self, level: int, mode: str) -> AttentionResample | None:
-        """Attention path for the resampling between 1/16 (level 2) and 1/32 only."""
-        if level != 2:
+        """Attention path for the resampling between 1/16 (level 2) and 1/32, and, with
+        `attn_up_eighth`, for the 1/16 -> 1/8 upsample too (as the EViT-UNet reference)."""
+        if not (level == 2 or (level == 1 and mode == "up" and self.attn_up_eighth)):
             return None
         cfg, widths = self.cfg, self.cfg["widths"]
-        in_dim, out_dim = (widths[2], widths[3]) if mode == "down" else (widths[3], widths[2])
+        lo, hi = widths[level], widths[level + 1]
+        in_dim, out_dim = (lo, hi) if mode == "down" else (hi, lo)
         return AttentionResample(
             in_dim,
             out_dim,

@@ -235,3 +235,81 @@ def load_psf_tiff(path: str | Path, subtract_background: bool = True) -> np.ndar
         raise ValueError(f"PSF file {path} holds no signal above its border background")
     brightest = np.unravel_index(np.argmax(clean), clean.shape)[0]
     return (clean / clean[brightest].sum()).reshape(data.shape).astype(np.float32)
+
+
+def depth_psf(
+    optics: Optics,
+    size: int,
+    emitter_z_um: float,
+    focus_um: float | Sequence[float],
+    oversampling: int | None = None,
+) -> np.ndarray:
+    """Gibson-Lanni PSF (psfmodels' scalar model) of an emitter `emitter_z_um` above the
+    coverslip, inside the sample medium, seen with the objective focused at `focus_um`.
+
+    What a real oil objective does imaging into an aqueous sample: the focus moves
+    with the stage by less than the stage (focal shift), spherical aberration grows with
+    depth, and the light the emitter sends above NA = n_sample (supercritical angle
+    fluorescence) only reaches the objective from emitters within ~lambda of the glass.
+    `focus_um` is the nominal focal position (stage height, 0 = focused on the coverslip).
+    Every plane is divided by the sum of the in-focus PSF of an emitter on the coverslip,
+    so the planes keep their physical brightness relative to it (deep emitters give less
+    light). Point-sampled at pixel centres; float32 `(size, size)` or `(nz, size, size)`.
+    """
+    import psfmodels
+
+    size = _check_size(size)
+    if emitter_z_um < 0:
+        raise ValueError(f"emitter_z_um is the height above the coverslip, got {emitter_z_um}")
+    z, scalar = _z_list(focus_um)
+    sub = oversampling or max(
+        1, math.ceil(optics.pixel_size_um * 8 * optics.na / optics.wavelength_um)
+    )
+    n_odd = size + 1 - size % 2
+    kwargs = dict(
+        dxy=optics.pixel_size_um / sub,
+        NA=optics.na,
+        wvl=optics.wavelength_um,
+        ns=optics.sample_index,
+        ni=optics.immersion_index,
+        ni0=optics.immersion_index,
+        ng=optics.immersion_index,
+        ng0=optics.immersion_index,
+        oversample_factor=1,
+        normalize=False,
+        model="scalar",
+    )
+    npx = sub * (n_odd - 1) + 1
+    planes = psfmodels.make_psf(z, npx, pz=float(emitter_z_um), **kwargs)[:, ::sub, ::sub]
+    planes = planes[:, :size, :size]
+    reference = _surface_reference_sum(optics, size, sub)
+    out = (planes / reference).astype(np.float32)
+    return out[0] if scalar else out
+
+
+@functools.lru_cache(maxsize=32)
+def _surface_reference_sum(optics: Optics, size: int, sub: int) -> float:
+    """Sum of the in-focus Gibson-Lanni PSF of an emitter on the coverslip (the unit)."""
+    import psfmodels
+
+    n_odd = size + 1 - size % 2
+    psf = psfmodels.make_psf(
+        [0.0],
+        sub * (n_odd - 1) + 1,
+        dxy=optics.pixel_size_um / sub,
+        pz=0.0,
+        NA=optics.na,
+        wvl=optics.wavelength_um,
+        ns=optics.sample_index,
+        ni=optics.immersion_index,
+        ni0=optics.immersion_index,
+        ng=optics.immersion_index,
+        ng0=optics.immersion_index,
+        oversample_factor=1,
+        normalize=False,
+        model="scalar",
+    )[:, ::sub, ::sub][:, :size, :size]
+    total = float(psf.sum())
+    if not total > 0:
+        raise ValueError("the in-focus PSF is empty; check the optics (NA, wavelength, pixel)")
+    return total

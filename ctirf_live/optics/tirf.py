@@ -57,3 +57,23 @@ def angle_for_depth_deg(depth_um: float, excitation_nm: float, n1: float, n2: fl
             f"the shallowest is about {shallowest * 1000:.0f} nm at grazing incidence"
         )
     return math.degrees(math.asin(sin_theta))
+
+
+def max_tirf_angle_deg(na: float, n1: float) -> float:
+    """Steepest incidence angle an objective of numerical aperture `na` can deliver."""
+    if not 0 < na < n1:
+        raise ValueError(f"NA must be between 0 and the immersion index {n1}, got {na}")
+    return math.degrees(math.asin(na / n1))
+
+
+def check_angle_within_na(angle_deg: float, na: float, n1: float) -> None:
+    """Refuse a TIRF angle the objective cannot deliver: n1 sin(theta) must be <= NA."""
+    if not 0 <= angle_deg < 90:
+        raise ValueError(f"incidence angle must be in [0, 90) degrees, got {angle_deg}")
+    reach = n1 * math.sin(math.radians(angle_deg))
+    if reach > na + 1e-9:
+        raise ValueError(
+            f"a TIRF angle of {angle_deg:.2f} deg needs n1 sin(theta) = {reach:.3f} > NA {na}: "
+            f"this objective reaches at most {max_tirf_angle_deg(na, n1):.2f} deg; "
+            "choose a smaller angle (a deeper penetration depth) or an objective of higher NA"
+        )

@@ -1,30 +1,36 @@
-"""Synthetic F-actin-labelled cells on a virtual slide, in physical coordinates.
+"""Synthetic fluorescent specimens on a virtual slide, in physical coordinates.
 
-The slide is an infinite jittered grid of cell sites `GRID_UM` apart. Everything about
-the cell at site (i, j) is drawn from an RNG seeded by (slide seed, i, j), so a field's
-content depends only on the seed and where it is, never on the order of visits, and the
-same field renders consistently at any pixel size (60X: 97.5 nm, 100X: 58.5 nm). About
-`EMPTY_FRACTION` of the sites hold no cell (the origin site always holds one, so the
-home position shows a cell).
+A slide holds one specimen *family* (what a user labels and mounts), on an infinite
+jittered grid of sites. Everything about the site (i, j) is drawn from an RNG seeded by
+(slide seed, family, i, j), so a field's content depends only on the seed, the family
+and where it is, never on the order of visits, and the same field renders consistently
+at any pixel size. Heights are above the coverslip (z = 0), in micrometres.
 
-Each cell (heights above the coverslip, z = 0):
+Families (`FAMILIES`), each posing the paper's problem: structure that EPI shows at all
+depths and TIRF sees only in the bottom ~100-200 nm:
 
-- a footprint (a wobbly ellipse with lobes, 24-38 um long) under a body whose top is a thin
-  lamella (0.2-0.7 um) rising to a dome over the nucleus (3.6-6 um high);
-- cortical actin meshwork: many short filaments at z 0.02-0.2 um, denser at the edge;
-- stress fibres: long bundles near the bottom (z 0.03-0.3 um) along the long axis;
-- arches: bundles whose ends sit at z ~ 0 and whose middle rises 0.5-1.5 um (the
-  paper's test structure: continuous in EPI, broken in TIRF);
-- perinuclear cap fibres following the top of the dome;
-- a nucleus (ellipsoid, about 1-4 um up) and diffuse cytosol filling the body;
-- a membrane (basal sheet at the coverslip + the body's top surface), dim;
-- puncta (vesicles) at random depths.
+- ``factin``: dense phalloidin-stained F-actin cells (the paper's C6 glioma cells),
+  packed so that frames are mostly cell with overlapping edges. Thick bodies (lamella
+  0.5-1.5 um, dome 3.5-6 um over the nucleus); ventral meshwork and stress fibres at the
+  coverslip; a textured dorsal cortex under the whole top surface; dorsal stress fibres
+  rising from the edge to 1-2.5 um; transverse arcs at 1-2.5 um; a perinuclear actin cap
+  at 3-5 um; ruffles, filopodia and many arches (continuous in EPI, broken in TIRF); a
+  dim nucleus (phalloidin does not stain it) and little diffuse cytosol.
+- ``membrane``: a WGA-like membrane stain: bright, patchy basal membrane, apical
+  membrane with microvilli, endosomes/vesicles at all depths, retraction fibres.
+- ``tissue``: a thick tissue section (GFAP-like astrocytes) 5-10 um deep: somata at
+  all depths with branching processes wandering through the whole section, in a dim
+  autofluorescent slab; TIRF sees only the processes that touch the coverslip.
+
+Every family also has emitters above the cells (rounded or dead cells floating in the
+medium, debris) up to `TOP_UM`: out-of-volume background that reaches EPI as haze.
 
 Values are fluorophore amounts per voxel (arbitrary units: 1 = one micrometre of a
 single filament), not densities: plane k holds everything within a linear-interpolation
 ("hat") axial profile around z_k, so summing over z gives the projected amount whatever
-the plane spacing (planes may be non-uniform). Filaments are polylines sampled every
-`FILAMENT_STEP_UM` and deposited with a Gaussian lateral profile of `FILAMENT_SIGMA_UM`.
+the plane spacing. Filaments are polylines sampled every `FILAMENT_STEP_UM`, deposited
+with a bilinear kernel (the microscope divides its transfer out and applies the camera
+pixel's box instead) and given a Gaussian lateral profile of `FILAMENT_SIGMA_UM`.
 """
 
 from __future__ import annotations
@@ -37,29 +43,55 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-GRID_UM = 40.0
-JITTER_UM = 4.0
-EMPTY_FRACTION = 0.12
-FILAMENT_STEP_UM = 0.04
+FAMILIES = ("factin", "membrane", "tissue")
+DEFAULT_FAMILY = "factin"
+FILAMENT_STEP_UM = 0.06
 FILAMENT_SIGMA_UM = 0.05
 SINGLE_PLANE_HALF_WIDTH_UM = 0.1  # axial half-width of the hat when only one plane is asked
+TOP_UM = 15.0  # highest emitter of any family (floating cells, debris)
 
-_MAX_SEMI_AXIS_UM = 19.0
-_MAX_MODULATION = 1.65
-_REACH_UM = _MAX_SEMI_AXIS_UM * _MAX_MODULATION + JITTER_UM + 1.0
 _SALT = 0xC6  # C6 glioma cells
 _BASAL_MEMBRANE_Z_UM = 0.01
+_MAX_MODULATION = 1.65
 
-# linear densities (amount per um of line) and volume/area densities
-_MESH_PER_UM2 = 2.0
-_MESH_LAMBDA = 1.0
-_FIBRE_LAMBDA = 6.0
-_ARCH_LAMBDA = 5.0
-_CAP_LAMBDA = 3.0
-_CYTOSOL_PER_UM3 = 2.5
-_NUCLEUS_PER_UM3 = 4.0
-_MEMBRANE_PER_UM2 = 0.8
-_PUNCTUM_AMOUNT = 3.0
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Layout and diffuse stain densities of one specimen family.
+
+    Densities: `cytosol`/`nucleus` per um^3, `basal`/`apical` membrane per um^2.
+    `has_body` is False for the tissue family, whose sites are astrocytes without a
+    cell body on the coverslip.
+    """
+
+    grid_um: float
+    jitter_um: float
+    empty_fraction: float
+    semi_axis_um: tuple[float, float]
+    cytosol: float
+    nucleus: float
+    basal: float
+    apical: float
+    has_body: bool = True
+    floating_probability: float = 0.35
+
+
+FAMILY_SPECS: dict[str, FamilySpec] = {
+    "factin": FamilySpec(26.0, 3.5, 0.03, (13.0, 18.0), 0.4, 0.1, 0.15, 0.15, True, 0.5),
+    "membrane": FamilySpec(26.0, 3.5, 0.04, (12.0, 17.0), 0.12, 0.03, 2.0, 1.4),
+    "tissue": FamilySpec(16.0, 6.0, 0.0, (12.0, 12.0), 0.0, 0.0, 0.0, 0.0, False, 0.2),
+}
+GRID_UM = FAMILY_SPECS[DEFAULT_FAMILY].grid_um
+EMPTY_FRACTION = FAMILY_SPECS[DEFAULT_FAMILY].empty_fraction
+TISSUE_BACKGROUND_PER_UM3 = 0.12  # autofluorescence and unresolved GFAP of the section
+_REACH_UM = max(s.semi_axis_um[1] for s in FAMILY_SPECS.values()) * _MAX_MODULATION + 8.0
+
+
+def check_family(family: str) -> str:
+    """The family name, or a one-line error listing the families."""
+    if family not in FAMILY_SPECS:
+        raise ValueError(f"unknown specimen family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return family
 
 
 def _zig(n: int) -> int:
@@ -68,9 +100,20 @@ def _zig(n: int) -> int:
     return 2 * n if n >= 0 else -2 * n - 1
 
 
+def _family_index(family: str) -> int:
+    return FAMILIES.index(family)
+
+
+@functools.lru_cache(maxsize=64)
+def tissue_thickness_um(seed: int) -> float:
+    """Thickness of the tissue section on slide `seed` (5-10 um)."""
+    rng = np.random.default_rng([_zig(seed), _SALT, 7])
+    return float(rng.uniform(5.0, 10.0))
+
+
 @dataclass(frozen=True, eq=False)
 class Cell:
-    """One cell's geometry: footprint, body height and nucleus; filaments and puncta lazily.
+    """One site's geometry: footprint, body height and nucleus; content lazily.
 
     The shape comes from the site's RNG stream, the content (filaments, puncta) from a
     second stream of the same site, drawn only when a field first needs it.
@@ -78,6 +121,7 @@ class Cell:
 
     seed: int
     site: tuple[int, int]
+    family: str
     cx: float
     cy: float
     theta: float  # long axis angle (rad)
@@ -93,7 +137,8 @@ class Cell:
     nc: float  # nucleus half-height
     nz: float  # nucleus centre height
     height: float  # dome top (um)
-    lamella: float  # lamella thickness (um)
+    lamella: float  # body thickness at the edge (um)
+    lamella_inner: float  # body thickness where the lamella meets the dome
     brightness: float
 
     @functools.cached_property
@@ -101,17 +146,22 @@ class Cell:
         """Bounding box of the footprint: xmin, xmax, ymin, ymax (um)."""
         return _boundary_bbox(self)
 
+    @property
+    def spec(self) -> FamilySpec:
+        return FAMILY_SPECS[self.family]
+
     @functools.cached_property
     def content(self) -> tuple[np.ndarray, np.ndarray]:
         """Filament segments (n, 7: x0, y0, z0, x1, y1, z1, amount per um) and puncta
         (n, 4: x, y, z, amount), read-only."""
         i, j = self.site
-        rng = np.random.default_rng([_zig(self.seed), _zig(i), _zig(j), _SALT, 1])
-        parts = [_mesh(self, rng), *_stress_fibres(self, rng), *_arches(self, rng)]
-        parts += _cap_fibres(self, rng)
-        segments = np.concatenate(parts, 0)
+        fam = _family_index(self.family)
+        rng = np.random.default_rng([_zig(self.seed), _zig(i), _zig(j), _SALT, 1, fam])
+        parts, puncta = _CONTENT[self.family](self, rng)
+        parts = [p for p in parts if len(p)]
+        segments = np.concatenate(parts, 0) if parts else np.zeros((0, 7))
         segments[:, 6] *= self.brightness
-        puncta = _puncta(self, rng)
+        puncta = np.concatenate([puncta, _floating(self, rng)], 0)
         puncta[:, 3] *= self.brightness
         for arr in (segments, puncta):
             arr.setflags(write=False)
@@ -142,12 +192,15 @@ class Cell:
         return u, (1.0 - u) * edge_radius
 
     def body_height(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Height of the cell's top surface (0 outside the footprint)."""
+        """Height of the cell's top surface (0 outside the footprint or without a body)."""
         u, dist = self.footprint(x, y)
+        if not self.spec.has_body:
+            return np.zeros_like(u)
         taper = np.sqrt(np.clip(dist / 0.6, 0.0, 1.0))
-        lamella = self.lamella * (1.0 + (1.0 - np.clip(u, 0.0, 1.0)))
-        dn2 = self._nucleus_q(x, y, scale=1.7)
-        dome = self.height * np.clip(1.0 - dn2, 0.0, 1.0) ** 0.75
+        inward = np.clip(1.0 - u, 0.0, 1.0) ** 0.6
+        lamella = self.lamella + (self.lamella_inner - self.lamella) * inward
+        dn2 = self._nucleus_q(x, y, scale=2.1)
+        dome = self.height * np.clip(1.0 - dn2, 0.0, 1.0) ** 0.6
         return np.maximum(lamella, dome) * taper
 
     def _nucleus_q(self, x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -174,7 +227,8 @@ def _boundary_bbox(cell_like: Cell) -> tuple[float, float, float, float]:
     c, s = math.cos(cell_like.theta), math.sin(cell_like.theta)
     x = cell_like.cx + xr * c - yr * s
     y = cell_like.cy + xr * s + yr * c
-    return float(x.min()), float(x.max()), float(y.min()), float(y.max())
+    pad = 6.0 if cell_like.family in ("factin", "membrane") else 0.0  # filopodia
+    return float(x.min()) - pad, float(x.max()) + pad, float(y.min()) - pad, float(y.max()) + pad
 
 
 def _to_world(cell: Cell, xr: np.ndarray, yr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +236,7 @@ def _to_world(cell: Cell, xr: np.ndarray, yr: np.ndarray) -> tuple[np.ndarray, n
     return cell.cx + xr * c - yr * s, cell.cy + xr * s + yr * c
 
 
-def _polyline_segments(xyz: np.ndarray, amount_per_um: float) -> np.ndarray:
+def _polyline_segments(xyz: np.ndarray, amount_per_um: float | np.ndarray) -> np.ndarray:
     """(k, 3) vertices -> (k - 1, 7) segments."""
     seg = np.empty((len(xyz) - 1, 7))
     seg[:, 0:3] = xyz[:-1]
@@ -207,13 +261,15 @@ def _bundle(
 
 def _inside_runs(segs: np.ndarray, cell: Cell, limit: float) -> np.ndarray:
     """Keep only segments whose both ends lie inside the footprint (u < limit)."""
+    if not len(segs):
+        return segs
     u0, _ = cell.footprint(segs[:, 0], segs[:, 1])
     u1, _ = cell.footprint(segs[:, 3], segs[:, 4])
     return segs[(u0 < limit) & (u1 < limit)]
 
 
 def _random_inside(
-    cell: Cell, rng: np.random.Generator, n: int, bias: float = 0.5
+    cell: Cell, rng: np.random.Generator, n: int, bias: float = 0.5, limit: float = 0.97
 ) -> tuple[np.ndarray, np.ndarray]:
     """n points inside the footprint; bias < 0.5 crowds them towards the edge."""
     xs: list[np.ndarray] = []
@@ -225,32 +281,72 @@ def _random_inside(
         phi = rng.uniform(0, 2 * np.pi, k)
         x, y = _to_world(cell, cell.a * r * np.cos(phi), cell.b * r * np.sin(phi))
         u, _ = cell.footprint(x, y)
-        keep = u < 0.97
+        keep = u < limit
         xs.append(x[keep])
         ys.append(y[keep])
         got += int(keep.sum())
     return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
 
 
-def _mesh(cell: Cell, rng: np.random.Generator) -> np.ndarray:
-    n = int(_MESH_PER_UM2 * math.pi * cell.a * cell.b)
+def _edge_points(
+    cell: Cell, rng: np.random.Generator, n: int, u: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n points at normalised radius `u` and their outward angle in the cell frame."""
+    psi = rng.uniform(0, 2 * np.pi, n)
+    m = cell._modulation(psi)
+    xr, yr = cell.a * m * u * np.cos(psi), cell.b * m * u * np.sin(psi)
+    x, y = _to_world(cell, xr, yr)
+    return x, y, psi
+
+
+def _short_filaments(
+    x: np.ndarray,
+    y: np.ndarray,
+    z0: np.ndarray,
+    z1: np.ndarray,
+    length: np.ndarray,
+    phi: np.ndarray,
+    amount: float,
+) -> np.ndarray:
+    hx, hy = 0.5 * length * np.cos(phi), 0.5 * length * np.sin(phi)
+    seg = np.stack([x - hx, y - hy, z0, x + hx, y + hy, z1, np.full(x.shape, amount)], 1)
+    return seg
+
+
+# ----------------------------------------------------------------- F-actin (C6)
+def _ventral_mesh(cell: Cell, rng: np.random.Generator, per_um2: float) -> np.ndarray:
+    n = int(per_um2 * math.pi * cell.a * cell.b)
     x, y = _random_inside(cell, rng, n, bias=0.35)
-    length = np.clip(rng.exponential(0.7, n) + 0.2, 0.2, 2.5)
+    length = np.clip(rng.exponential(0.6, n) + 0.2, 0.2, 2.0)
     phi = rng.uniform(0, np.pi, n)
     z = rng.uniform(0.02, 0.2, n)
     dz = rng.normal(0.0, 0.03, n)
-    hx, hy = 0.5 * length * np.cos(phi), 0.5 * length * np.sin(phi)
-    seg = np.stack(
-        [x - hx, y - hy, np.clip(z - dz, 0.0, 0.2), x + hx, y + hy, np.clip(z + dz, 0.0, 0.2)],
-        1,
+    seg = _short_filaments(
+        x, y, np.clip(z - dz, 0.01, 0.22), np.clip(z + dz, 0.01, 0.22), length, phi, 1.0
     )
-    seg = np.concatenate([seg, np.full((n, 1), _MESH_LAMBDA)], 1)
     return _inside_runs(seg, cell, 1.0)
 
 
-def _stress_fibres(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
+def _dorsal_cortex(cell: Cell, rng: np.random.Generator, per_um2: float) -> np.ndarray:
+    """Short filaments just under the top surface, following its slope."""
+    n = int(per_um2 * math.pi * cell.a * cell.b)
+    x, y = _random_inside(cell, rng, n, bias=0.5)
+    length = np.clip(rng.exponential(0.5, n) + 0.25, 0.25, 1.5)
+    phi = rng.uniform(0, np.pi, n)
+    hx, hy = 0.5 * length * np.cos(phi), 0.5 * length * np.sin(phi)
+    depth = rng.uniform(0.05, 0.2, n)
+    z0 = cell.body_height(x - hx, y - hy) - depth
+    z1 = cell.body_height(x + hx, y + hy) - depth
+    seg = _short_filaments(x, y, z0, z1, length, phi, 1.5)
+    keep = (np.minimum(z0, z1) > 0.3) & (np.abs(z1 - z0) < 0.6)
+    return _inside_runs(seg[keep], cell, 0.97)
+
+
+def _stress_fibres(
+    cell: Cell, rng: np.random.Generator, count: tuple[int, int], amount_scale: float
+) -> list[np.ndarray]:
     out = []
-    for _ in range(int(rng.integers(5, 14))):
+    for _ in range(int(rng.integers(*count))):
         off = rng.uniform(-0.75, 0.75) * cell.b
         dev = rng.normal(0.0, 0.2)
         chord = 2 * cell.a * math.sqrt(max(0.0, 1 - (off / cell.b) ** 2))
@@ -264,20 +360,57 @@ def _stress_fibres(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
         x, y = _to_world(cell, xr, yr)
         z0 = rng.uniform(0.03, 0.3)
         z = np.clip(z0 + rng.normal(0, 0.03) * (s * 2), 0.02, 0.32)
-        amount = _FIBRE_LAMBDA * rng.lognormal(0.0, 0.35)
+        amount = 6.0 * amount_scale * rng.lognormal(0.0, 0.35)
         for seg in _bundle(x, y, z, 3, 0.07, amount):
             out.append(_inside_runs(seg, cell, 0.97))
     return out
 
 
-def _arches(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
-    """Bundles rising from the coverslip to 0.5-1.5 um and back, where the body is thick."""
-    wanted = int(rng.integers(2, 6))
-    n = 48
-    top = rng.uniform(0.5, 1.5, n)
-    length = rng.uniform(4.0, 9.0, n)
+def _dorsal_fibres(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
+    """Bundles from a focal adhesion at the edge (z ~ 0) up to 1-2.5 um towards the nucleus."""
+    out = []
+    n = int(rng.integers(5, 12))
+    x0, y0, _ = _edge_points(cell, rng, n, rng.uniform(0.8, 0.93))
+    t = np.linspace(0.0, 1.0, 24)[:, None]
+    for k in range(n):
+        frac = rng.uniform(0.45, 0.75)
+        x1 = x0[k] + frac * (cell.nx - x0[k])
+        y1 = y0[k] + frac * (cell.ny - y0[k])
+        x, y = (x0[k] + t * (x1 - x0[k]))[:, 0], (y0[k] + t * (y1 - y0[k]))[:, 0]
+        rise = rng.uniform(1.0, 2.5)
+        z = rise * (3 * t[:, 0] ** 2 - 2 * t[:, 0] ** 3)
+        z = np.minimum(np.maximum(z, 0.03), cell.body_height(x, y) - 0.15)
+        if z[-1] < 0.8:
+            continue
+        for seg in _bundle(x, y, np.maximum(z, 0.03), 2, 0.07, 8.0 * rng.lognormal(0.0, 0.3)):
+            out.append(_inside_runs(seg, cell, 0.97))
+    return out
+
+
+def _transverse_arcs(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
+    """Curved bundles parallel to the edge, 1-2.5 um up under the dorsal surface."""
+    out = []
+    for _ in range(int(rng.integers(3, 8))):
+        u = rng.uniform(0.5, 0.85)
+        psi0 = rng.uniform(0, 2 * np.pi)
+        psi = psi0 + np.linspace(0.0, rng.uniform(0.6, 1.6), 30)
+        m = cell._modulation(psi)
+        x, y = _to_world(cell, cell.a * m * u * np.cos(psi), cell.b * m * u * np.sin(psi))
+        z = np.minimum(rng.uniform(0.6, 2.5), cell.body_height(x, y) - 0.15)
+        if z.min() < 0.4:
+            continue
+        for seg in _bundle(x, y, z, 2, 0.08, 6.0 * rng.lognormal(0.0, 0.3)):
+            out.append(_inside_runs(seg, cell, 0.97))
+    return out
+
+
+def _arches(cell: Cell, rng: np.random.Generator, wanted: int) -> list[np.ndarray]:
+    """Bundles rising from the coverslip to 0.5-2.5 um and back, where the body is thick."""
+    n = 8 * wanted
+    top = rng.uniform(0.5, 2.5, n)
+    length = rng.uniform(4.0, 10.0, n)
     phi = rng.uniform(0, np.pi, n)
-    amount = _ARCH_LAMBDA * rng.lognormal(0.0, 0.2, n)
+    amount = 5.0 * rng.lognormal(0.0, 0.2, n)
     mx, my = _random_inside(cell, rng, n, bias=0.6)
     t = np.linspace(0.0, 1.0, 25)
     x = mx[:, None] + (t - 0.5) * (length * np.cos(phi))[:, None]
@@ -293,40 +426,182 @@ def _arches(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def _cap_fibres(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
+    """Perinuclear actin cap: bundles over the dome, 3-5 um up."""
     out = []
     c, s = math.cos(cell.ntheta), math.sin(cell.ntheta)
-    for _ in range(int(rng.integers(2, 5))):
-        off = rng.uniform(-0.7, 0.7) * cell.nb
+    for _ in range(int(rng.integers(5, 12))):
+        off = rng.uniform(-0.8, 0.8) * cell.nb
         dev = rng.normal(0.0, 0.15)
-        along = np.linspace(-1.6, 1.6, 17) * cell.na
+        along = np.linspace(-1.4, 1.4, 17) * cell.na
         ax = along * math.cos(dev) - off * math.sin(dev)
         ay = along * math.sin(dev) + off * math.cos(dev)
         x, y = cell.nx + ax * c - ay * s, cell.ny + ax * s + ay * c
         z = np.maximum(cell.body_height(x, y) - 0.25, 0.05)
-        seg = _polyline_segments(np.stack([x, y, z], 1), _CAP_LAMBDA * rng.lognormal(0.0, 0.3))
+        seg = _polyline_segments(np.stack([x, y, z], 1), 8.0 * rng.lognormal(0.0, 0.3))
         out.append(_inside_runs(seg, cell, 0.97))
     return out
 
 
-def _puncta(cell: Cell, rng: np.random.Generator) -> np.ndarray:
-    n = int(rng.integers(20, 60))
+def _ruffles(cell: Cell, rng: np.random.Generator) -> list[np.ndarray]:
+    """Curtains of near-vertical filaments along stretches of the edge, up to ~2 um."""
+    out = []
+    for _ in range(int(rng.integers(1, 4))):
+        u = rng.uniform(0.85, 0.94)
+        psi = rng.uniform(0, 2 * np.pi) + np.linspace(0.0, rng.uniform(0.2, 0.6), 40)
+        m = cell._modulation(psi)
+        x, y = _to_world(cell, cell.a * m * u * np.cos(psi), cell.b * m * u * np.sin(psi))
+        tops = cell.body_height(x, y) + rng.uniform(0.3, 1.0, x.size)
+        lean = rng.normal(0.0, 0.15, x.size)
+        seg = np.stack(
+            [x, y, np.full(x.shape, 0.05), x + lean, y + lean, tops, np.full(x.shape, 3.0)], 1
+        )
+        out.append(seg)
+    return out
+
+
+def _filopodia(
+    cell: Cell, rng: np.random.Generator, count: tuple[int, int], amount: float
+) -> list[np.ndarray]:
+    """Thin bundles sticking out of the edge, near the coverslip."""
+    n = int(rng.integers(*count))
+    x0, y0, psi = _edge_points(cell, rng, n, 0.97)
+    out = []
+    for k in range(n):
+        ang = cell.theta + math.atan2(cell.b * math.sin(psi[k]), cell.a * math.cos(psi[k]))
+        ang += rng.normal(0.0, 0.3)
+        length = rng.uniform(2.0, 6.0)
+        t = np.linspace(0.0, 1.0, 10)
+        x = x0[k] + t * length * math.cos(ang)
+        y = y0[k] + t * length * math.sin(ang)
+        z = 0.05 + t * rng.uniform(0.0, 0.4)
+        out.append(_polyline_segments(np.stack([x, y, z], 1), amount * rng.lognormal(0.0, 0.3)))
+    return out
+
+
+def _puncta(
+    cell: Cell, rng: np.random.Generator, count: tuple[int, int], amount: float
+) -> np.ndarray:
+    n = int(rng.integers(*count))
     x, y = _random_inside(cell, rng, n)
     z = rng.uniform(0.03, 0.97, n) * cell.body_height(x, y)
-    amount = _PUNCTUM_AMOUNT * rng.lognormal(0.0, 0.5, n)
-    return np.stack([x, y, z, amount], 1)
+    return np.stack([x, y, z, amount * rng.lognormal(0.0, 0.5, n)], 1)
 
 
-@functools.lru_cache(maxsize=1024)
-def cell_at(seed: int, i: int, j: int) -> Cell | None:
-    """The cell at grid site (i, j) of slide `seed`, or None for an empty site."""
-    rng = np.random.default_rng([_zig(seed), _zig(i), _zig(j), _SALT])
-    empty = rng.random() < EMPTY_FRACTION
+def _factin(cell: Cell, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    parts = [_ventral_mesh(cell, rng, 0.6), _dorsal_cortex(cell, rng, 4.0)]
+    parts += _stress_fibres(cell, rng, (4, 10), 0.5)
+    parts += _dorsal_fibres(cell, rng)
+    parts += _transverse_arcs(cell, rng)
+    parts += _arches(cell, rng, int(rng.integers(8, 20)))
+    parts += _cap_fibres(cell, rng)
+    parts += _ruffles(cell, rng)
+    parts += _filopodia(cell, rng, (10, 30), 3.0)
+    return parts, _puncta(cell, rng, (10, 30), 2.0)
+
+
+# ----------------------------------------------------------------- WGA membrane
+def _membrane(cell: Cell, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """Patchy basal membrane, apical microvilli, retraction fibres; vesicles at all depths."""
+    area = math.pi * cell.a * cell.b
+    n = int(1.5 * area)
+    x, y = _random_inside(cell, rng, n, bias=0.45)
+    patches = np.stack([x, y, rng.uniform(0.005, 0.04, n), 0.6 * rng.lognormal(0.0, 0.6, n)], 1)
+    n = int(0.8 * area)
+    x, y = _random_inside(cell, rng, n, bias=0.5, limit=0.9)
+    top = cell.body_height(x, y)
+    length = rng.uniform(0.3, 0.9, n)
+    lean = rng.normal(0.0, 0.2, (2, n))
+    villi = np.stack([x, y, top, x + lean[0], y + lean[1], top + length, np.full(n, 1.2)], 1)
+    villi = villi[top > 0.3]
+    vesicles = _puncta(cell, rng, (250, 600), 3.0)
+    parts = [villi, *_filopodia(cell, rng, (8, 24), 2.0), *_ruffles(cell, rng)]
+    return parts, np.concatenate([patches, vesicles], 0)
+
+
+# ----------------------------------------------------------------- GFAP tissue
+def _tissue(cell: Cell, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """An astrocyte: a soma at any depth and branching processes through the section."""
+    depth = tissue_thickness_um(cell.seed)
+    soma = np.array([cell.cx, cell.cy, rng.uniform(0.3, depth - 0.3)])
+    parts: list[np.ndarray] = []
+    starts = [(soma, int(rng.integers(4, 9)), (8.0, 22.0), 6.0)]
+    for origin, count, (lmin, lmax), amount in starts:
+        for _ in range(count):
+            path = _random_walk(rng, origin, rng.uniform(lmin, lmax), depth)
+            taper = np.linspace(1.0, 0.35, len(path) - 1)
+            seg = _polyline_segments(path, 0.0)
+            seg[:, 6] = amount * rng.lognormal(0.0, 0.3) * taper
+            parts.append(seg)
+            for _ in range(int(rng.integers(0, 3))):
+                k = int(rng.integers(len(path) // 3, len(path)))
+                branch = _random_walk(rng, path[k], rng.uniform(3.0, 10.0), depth)
+                bseg = _polyline_segments(branch, 0.0)
+                bseg[:, 6] = 0.5 * amount * rng.lognormal(0.0, 0.3)
+                parts.append(bseg)
+    n = 120
+    offs = rng.normal(0.0, 1.5, (n, 3))
+    body = np.column_stack([soma + offs, np.full(n, 1.0)])
+    body[:, 2] = np.clip(body[:, 2], 0.02, depth)
+    return parts, body
+
+
+def _random_walk(
+    rng: np.random.Generator, origin: np.ndarray, length: float, depth: float
+) -> np.ndarray:
+    """A persistent 3D walk of `length` um in 0.5 um steps, reflected inside [0.02, depth]."""
+    steps = max(2, int(length / 0.5))
+    d = rng.normal(0.0, 1.0, 3)
+    d[2] *= 0.6
+    d /= np.linalg.norm(d)
+    pts = [np.asarray(origin, float)]
+    for _ in range(steps):
+        d = d + rng.normal(0.0, 0.25, 3)
+        d /= np.linalg.norm(d)
+        p = pts[-1] + 0.5 * d
+        if not 0.02 <= p[2] <= depth:
+            d[2] = -d[2]
+            p[2] = np.clip(p[2], 0.02, depth)
+        pts.append(p)
+    return np.asarray(pts)
+
+
+_CONTENT = {"factin": _factin, "membrane": _membrane, "tissue": _tissue}
+
+
+def _floating(cell: Cell, rng: np.random.Generator) -> np.ndarray:
+    """Out-of-volume emitters above the cells: a floating rounded cell (sometimes) and debris."""
+    floor = tissue_thickness_um(cell.seed) + 1.0 if cell.family == "tissue" else 7.0
+    out = []
+    if rng.random() < cell.spec.floating_probability:
+        r = rng.uniform(2.5, 5.0)
+        n = int(40 * r**2)
+        v = rng.normal(0.0, 1.0, (n, 3))
+        v *= (r * rng.random(n) ** (1 / 3) / np.linalg.norm(v, axis=1))[:, None]
+        cx, cy = cell.cx + rng.normal(0, 5), cell.cy + rng.normal(0, 5)
+        centre = np.array([cx, cy, rng.uniform(min(floor + r, TOP_UM - 0.5), TOP_UM)])
+        pts = centre + v
+        pts[:, 2] = np.clip(pts[:, 2], floor, TOP_UM)
+        out.append(np.column_stack([pts, np.full(n, 1.0)]))
+    n = int(rng.integers(3, 12))
+    x, y = cell.cx + rng.uniform(-12, 12, n), cell.cy + rng.uniform(-12, 12, n)
+    debris = np.stack([x, y, rng.uniform(floor, TOP_UM, n), 15.0 * rng.lognormal(0, 0.6, n)], 1)
+    out.append(debris)
+    return np.concatenate(out, 0)
+
+
+@functools.lru_cache(maxsize=2048)
+def cell_at(seed: int, i: int, j: int, family: str = DEFAULT_FAMILY) -> Cell | None:
+    """The cell at grid site (i, j) of slide `seed` of `family`, or None for an empty site."""
+    spec = FAMILY_SPECS[check_family(family)]
+    rng = np.random.default_rng([_zig(seed), _zig(i), _zig(j), _SALT, _family_index(family)])
+    empty = rng.random() < spec.empty_fraction
     if empty and (i, j) != (0, 0):
         return None
-    cx, cy = (np.array([i, j], float) * GRID_UM + rng.uniform(-JITTER_UM, JITTER_UM, 2)).tolist()
+    jit = rng.uniform(-spec.jitter_um, spec.jitter_um, 2)
+    cx, cy = (np.array([i, j], float) * spec.grid_um + jit).tolist()
     theta = rng.uniform(0, np.pi)
-    a = rng.uniform(12.0, _MAX_SEMI_AXIS_UM)
-    b = a * rng.uniform(0.55, 0.85)
+    a = rng.uniform(*spec.semi_axis_um)
+    b = a * (rng.uniform(0.6, 0.85) if spec.has_body else 1.0)
     orders = np.arange(2, 6)
     harmonics = np.stack(
         [orders, rng.normal(0.0, 0.08, 4) / (orders - 1), rng.uniform(0, 2 * np.pi, 4)], 1
@@ -341,17 +616,21 @@ def cell_at(seed: int, i: int, j: int) -> Cell | None:
         ],
         1,
     )
+    if not spec.has_body:
+        harmonics[:, 1] = 0.0
+        lobes = lobes[:0]
     along, across = rng.uniform(-0.25, 0.25) * a, rng.uniform(-0.15, 0.15) * b
     nx = cx + along * math.cos(theta) - across * math.sin(theta)
     ny = cy + along * math.sin(theta) + across * math.cos(theta)
     n_a = rng.uniform(4.0, 6.0)
     n_b = n_a * rng.uniform(0.65, 0.9)
-    n_c = rng.uniform(1.2, 1.6)
-    n_bottom = rng.uniform(0.8, 1.2)
-    height = n_bottom + 2 * n_c + rng.uniform(0.4, 1.4)
+    n_c = rng.uniform(1.2, 1.7)
+    n_bottom = rng.uniform(0.6, 1.0)
+    height = n_bottom + 2 * n_c + rng.uniform(0.4, 1.2)
     return Cell(
         seed=int(seed),
         site=(int(i), int(j)),
+        family=family,
         cx=cx,
         cy=cy,
         theta=theta,
@@ -367,19 +646,23 @@ def cell_at(seed: int, i: int, j: int) -> Cell | None:
         nc=n_c,
         nz=n_bottom + n_c,
         height=height,
-        lamella=rng.uniform(0.2, 0.35),
+        lamella=rng.uniform(0.35, 0.7),
+        lamella_inner=rng.uniform(2.6, 3.6),
         brightness=float(rng.lognormal(0.0, 0.2)),
     )
 
 
-def cells_in_box(seed: int, xmin: float, xmax: float, ymin: float, ymax: float) -> list[Cell]:
-    """Cells whose footprint bounding box overlaps the rectangle (um)."""
-    i0, i1 = math.floor((xmin - _REACH_UM) / GRID_UM), math.ceil((xmax + _REACH_UM) / GRID_UM)
-    j0, j1 = math.floor((ymin - _REACH_UM) / GRID_UM), math.ceil((ymax + _REACH_UM) / GRID_UM)
+def cells_in_box(
+    seed: int, xmin: float, xmax: float, ymin: float, ymax: float, family: str = DEFAULT_FAMILY
+) -> list[Cell]:
+    """Cells whose bounding box (footprint plus filopodia) overlaps the rectangle (um)."""
+    grid = FAMILY_SPECS[check_family(family)].grid_um
+    i0, i1 = math.floor((xmin - _REACH_UM) / grid), math.ceil((xmax + _REACH_UM) / grid)
+    j0, j1 = math.floor((ymin - _REACH_UM) / grid), math.ceil((ymax + _REACH_UM) / grid)
     out = []
     for i in range(i0, i1 + 1):
         for j in range(j0, j1 + 1):
-            cell = cell_at(seed, i, j)
+            cell = cell_at(seed, i, j, family)
             if cell is None:
                 continue
             bx0, bx1, by0, by1 = cell.bbox
@@ -388,12 +671,14 @@ def cells_in_box(seed: int, xmin: float, xmax: float, ymin: float, ymax: float) 
     return out
 
 
-def field_has_cells(seed: int, center_um: tuple[float, float], size_um: float) -> bool:
+def field_has_cells(
+    seed: int, center_um: tuple[float, float], size_um: float, family: str = DEFAULT_FAMILY
+) -> bool:
     """Whether any cell's footprint reaches into the square field (side `size_um`)."""
     half = size_um / 2.0
     xmin, xmax = center_um[0] - half, center_um[0] + half
     ymin, ymax = center_um[1] - half, center_um[1] + half
-    for cell in cells_in_box(seed, xmin, xmax, ymin, ymax):
+    for cell in cells_in_box(seed, xmin, xmax, ymin, ymax, family):
         bx0, bx1, by0, by1 = cell.bbox
         xs = np.arange(max(xmin, bx0), min(xmax, bx1) + 0.25, 0.25)
         ys = np.arange(max(ymin, by0), min(ymax, by1) + 0.25, 0.25)
@@ -470,12 +755,15 @@ class SpecimenRenderer:
         shape_yx: tuple[int, int],
         pixel_size_um: float,
         z_um: Sequence[float] | np.ndarray,
+        family: str = DEFAULT_FAMILY,
     ) -> None:
         if pixel_size_um <= 0:
             raise ValueError("pixel_size_um must be positive")
         self.shape = (int(shape_yx[0]), int(shape_yx[1]))
         if min(self.shape) < 1:
             raise ValueError(f"shape_yx must be positive, got {shape_yx}")
+        self.family = check_family(family)
+        self.seed = int(seed)
         self.pixel = float(pixel_size_um)
         self.axial = AxialSampling(z_um)
         h, w = self.shape
@@ -485,7 +773,7 @@ class SpecimenRenderer:
         reach = 3 * FILAMENT_SIGMA_UM + 2 * self.pixel
         xmax, ymax = self.x0 + (w - 1) * self.pixel, self.y0 + (h - 1) * self.pixel
         self.cells = cells_in_box(
-            seed, self.x0 - reach, xmax + reach, self.y0 - reach, ymax + reach
+            seed, self.x0 - reach, xmax + reach, self.y0 - reach, ymax + reach, family
         )
         self._points = self._sample_points()
         self._column_cache: dict[tuple[int, int], _Columns | None] = {}
@@ -495,6 +783,17 @@ class SpecimenRenderer:
         if not self.cells:
             return np.zeros((0, 4))
         seg = np.concatenate([c.content[0] for c in self.cells], 0)
+        h, w = self.shape
+        margin = 1.0
+        xlo, xhi = self.x0 - margin, self.x0 + (w - 1) * self.pixel + margin
+        ylo, yhi = self.y0 - margin, self.y0 + (h - 1) * self.pixel + margin
+        near = ~(
+            (np.maximum(seg[:, 0], seg[:, 3]) < xlo)
+            | (np.minimum(seg[:, 0], seg[:, 3]) > xhi)
+            | (np.maximum(seg[:, 1], seg[:, 4]) < ylo)
+            | (np.minimum(seg[:, 1], seg[:, 4]) > yhi)
+        )
+        seg = seg[near]
         d = seg[:, 3:6] - seg[:, 0:3]
         length = np.sqrt((d * d).sum(1))
         n = np.maximum(1, np.ceil(length / FILAMENT_STEP_UM).astype(np.int64))
@@ -521,6 +820,8 @@ class SpecimenRenderer:
         self._deposit(vol, k0, k1)
         for cell in self.cells:
             self._add_diffuse(vol, k0, k1, cell)
+        if self.family == "tissue":
+            self._add_slab(vol, k0, k1)
         if lateral_profile:
             sigma = FILAMENT_SIGMA_UM / self.pixel
             for i, plane in enumerate(vol):
@@ -529,9 +830,21 @@ class SpecimenRenderer:
         return vol
 
     def _deposit(self, vol: np.ndarray, k0: int, k1: int) -> None:
-        p = self._points
-        if p.size == 0:
+        """Bilinear splatting of every point into its two planes (one bincount per chunk)."""
+        plane, index, weight = self._splat
+        if plane.size == 0:
             return
+        hw = self.shape[0] * self.shape[1]
+        sel = (plane >= k0) & (plane < k1)
+        if sel.any():
+            flat = vol.reshape(-1)
+            where = index[sel] + (plane[sel] - k0).astype(np.int64) * hw
+            flat += np.bincount(where, weight[sel], minlength=flat.size).astype(np.float32)
+
+    @functools.cached_property
+    def _splat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Plane, in-plane pixel index and amount of every (point, plane, corner) share."""
+        p = self._points
         h, w = self.shape
         fx = (p[:, 0] - self.x0) / self.pixel
         fy = (p[:, 1] - self.y0) / self.pixel
@@ -540,17 +853,28 @@ class SpecimenRenderer:
         lo, w_lo, hi, w_hi = self.axial.point_weights(p[:, 2])
         ix, iy = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
         tx, ty = fx - ix, fy - iy
-        flat = vol.reshape(-1)
-        for plane, wz in ((lo, w_lo), (hi, w_hi)):
-            sel = (plane >= k0) & (plane < k1) & (wz > 0)
-            base_amount = p[sel, 3] * wz[sel]
-            base = (plane[sel] - k0) * (h * w)
-            for oy, wy in ((0, 1.0 - ty[sel]), (1, ty[sel])):
-                for ox, wx in ((0, 1.0 - tx[sel]), (1, tx[sel])):
-                    yy, xx = iy[sel] + oy, ix[sel] + ox
+        planes, indices, weights = [], [], []
+        amount = p[:, 3]
+        for pl, wz in ((lo, w_lo), (hi, w_hi)):
+            for oy, wy in ((0, 1.0 - ty), (1, ty)):
+                yy = iy + oy
+                for ox, wx in ((0, 1.0 - tx), (1, tx)):
+                    xx = ix + ox
                     ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-                    index = base[ok] + yy[ok] * w + xx[ok]
-                    np.add.at(flat, index, (base_amount * wy * wx)[ok].astype(np.float32))
+                    planes.append(pl.astype(np.int32))
+                    indices.append(np.clip(yy, 0, h - 1) * w + np.clip(xx, 0, w - 1))
+                    weights.append(np.where(ok, amount * wz * wy * wx, 0.0))
+        return np.concatenate(planes), np.concatenate(indices), np.concatenate(weights)
+
+    def _add_slab(self, vol: np.ndarray, k0: int, k1: int) -> None:
+        """The tissue section's dim, uniform background between the coverslip and its top."""
+        depth = tissue_thickness_um(self.seed)
+        ax = self.axial
+        per_voxel = TISSUE_BACKGROUND_PER_UM3 * self.pixel**2
+        for k in range(k0, k1):
+            amount = per_voxel * float(ax.cumulative(k, depth) - ax.cumulative(k, 0.0))
+            if amount > 0:
+                vol[k - k0] += np.float32(amount)
 
     def _columns(self, cell: Cell) -> _Columns | None:
         """The cell's columns in this field (computed once, reused by every plane chunk)."""
@@ -560,22 +884,24 @@ class SpecimenRenderer:
         return cols
 
     def _add_diffuse(self, vol: np.ndarray, k0: int, k1: int, cell: Cell) -> None:
-        """Cytosol, nucleus and membrane of one cell, integrated over each plane's profile."""
+        """Cytosol, nucleus and membranes of one cell, integrated over each plane's profile."""
+        spec = cell.spec
+        if not spec.has_body:
+            return
         cols = self._columns(cell)
         if cols is None:
             return
         area = self.pixel**2 * cell.brightness
-        cyto = _CYTOSOL_PER_UM3 * area
-        extra = (_NUCLEUS_PER_UM3 - _CYTOSOL_PER_UM3) * area
-        membrane = _MEMBRANE_PER_UM2 * area
+        cyto = spec.cytosol * area
+        extra = (spec.nucleus - spec.cytosol) * area
         ax = self.axial
         r0, r1, c0, c1 = cols.box
         for k in range(k0, k1):
             if ax.z[k] - ax.left[k] >= cols.z_top:
                 break
             amount = cyto * (ax.cumulative(k, cols.top) - ax.cumulative(k, 0.0))
-            amount += membrane * (cols.slope * ax.hat(k, cols.top))
-            amount += membrane * ax.hat(k, _BASAL_MEMBRANE_Z_UM)
+            amount += spec.apical * area * (cols.slope * ax.hat(k, cols.top))
+            amount += spec.basal * area * ax.hat(k, _BASAL_MEMBRANE_Z_UM)
             if cols.n_lo.size:
                 amount[cols.in_nucleus] += extra * (
                     ax.cumulative(k, cols.n_hi) - ax.cumulative(k, cols.n_lo)
@@ -635,10 +961,48 @@ def render_volume(
     shape_yx: tuple[int, int],
     pixel_size_um: float,
     z_um: np.ndarray,
+    family: str = DEFAULT_FAMILY,
 ) -> np.ndarray:
     """Fluorophore amounts of slide `seed` as float32 (Z, Y, X) at plane heights `z_um`.
 
     `center_um` is the (x, y) of the field's centre; x grows with the column index, y
     with the row index. Only cells overlapping the field are rasterised.
     """
-    return SpecimenRenderer(seed, center_um, shape_yx, pixel_size_um, z_um).render()
+    return SpecimenRenderer(seed, center_um, shape_yx, pixel_size_um, z_um, family).render()
+
+
+def field_statistics(
+    seed: int,
+    center_um: tuple[float, float],
+    size_um: float,
+    family: str = DEFAULT_FAMILY,
+    step_um: float = 0.25,
+) -> dict[str, float]:
+    """Coverage and height of the cells over a square field: what a frame is made of.
+
+    `cell_fraction`: the share of the field under some cell's footprint (the tissue
+    family counts as fully covered); `mean_height_um`: the mean top height under cells.
+    """
+    n = max(2, int(size_um / step_um))
+    xs = center_um[0] + (np.arange(n) - (n - 1) / 2) * step_um
+    ys = center_um[1] + (np.arange(n) - (n - 1) / 2) * step_um
+    xx, yy = np.meshgrid(xs, ys)
+    half = size_um / 2
+    top = np.zeros_like(xx)
+    covered = np.zeros(xx.shape, bool)
+    cells = cells_in_box(
+        seed,
+        center_um[0] - half,
+        center_um[0] + half,
+        center_um[1] - half,
+        center_um[1] + half,
+        family,
+    )
+    for cell in cells:
+        u, _ = cell.footprint(xx, yy)
+        covered |= u < 1.0
+        top = np.maximum(top, cell.body_height(xx, yy))
+    if family == "tissue":
+        return {"cell_fraction": 1.0, "mean_height_um": tissue_thickness_um(seed)}
+    mean = float(top[covered].mean()) if covered.any() else 0.0
+    return {"cell_fraction": float(covered.mean()), "mean_height_um": mean}

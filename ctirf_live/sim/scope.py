@@ -32,23 +32,28 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import fft as sfft
 
 from ctirf_live.config import Optics
-from ctirf_live.optics.psf import born_wolf_psf
-from ctirf_live.optics.tirf import angle_for_depth_deg, penetration_depth_um
-from ctirf_live.sim.sample import FILAMENT_SIGMA_UM, AxialSampling, SpecimenRenderer
+from ctirf_live.optics.psf import born_wolf_psf, depth_psf
+from ctirf_live.optics.tirf import (
+    angle_for_depth_deg,
+    check_angle_within_na,
+    penetration_depth_um,
+)
+from ctirf_live.sim.sample import (
+    DEFAULT_FAMILY,
+    FILAMENT_SIGMA_UM,
+    AxialSampling,
+    SpecimenRenderer,
+    check_family,
+)
 
 SENSOR_SHAPE = (2048, 2048)
 CAMERA_PIXEL_UM = 6.5
-
-QUANTUM_EFFICIENCY = 0.8
-ELECTRONS_PER_ADU = 0.5
-OFFSET_ADU = 100.0
-READ_NOISE_E = 1.5
 MAX_ADU = 65535
 
 SAMPLE_PLANES_UM = np.round(
@@ -58,16 +63,20 @@ SAMPLE_PLANES_UM = np.round(
             np.arange(0.6, 1.6001, 0.1),
             np.arange(1.8, 3.0001, 0.2),
             np.arange(3.4, 6.6001, 0.4),
+            np.arange(7.4, 11.4001, 0.8),
+            np.arange(12.6, 15.0001, 1.2),
         ]
     ),
     4,
 )
 PSF_MARGIN_UM = 7.0
-DEFAULT_PENETRATION_DEPTH_UM = 0.1
 SECTION_THICKNESS_UM = 0.1
 REFERENCE_PIXEL_UM = 0.0975
 # photons per specimen amount unit per ms of exposure, at the reference pixel size
-PHOTONS_PER_UNIT_MS = {"EPI": 20.0, "TIRF": 35.0}
+PHOTONS_PER_UNIT_MS = {"EPI": 60.0, "TIRF": 100.0}
+# autofluorescence of the medium, amount units per um^3: EPI excites the whole column
+MEDIUM_PER_UM3 = 0.02
+MEDIUM_COLUMN_UM = 100.0
 MODES = ("EPI", "TIRF")
 BINNINGS = (1, 2, 4)
 
@@ -78,12 +87,80 @@ _WORKERS = 2
 _DRIFT_LIMIT_PX = 1.9
 
 
-def _objective(name: str, pixel_um: float) -> Optics:
+@dataclass(frozen=True)
+class Camera:
+    """An sCMOS camera: mean calibration and its per-pixel spread (fixed pattern).
+
+    Each pixel has its own offset (ADU), gain and read noise (electrons), drawn once
+    from `serial`; the maps are what a camera calibration would measure.
+    """
+
+    name: str
+    quantum_efficiency: float
+    electrons_per_adu: float
+    offset_adu: float
+    read_noise_e: float
+    offset_sd_adu: float = 1.5
+    gain_sd: float = 0.015
+    read_noise_sigma: float = 0.35  # lognormal spread of per-pixel read noise
+    serial: int = 0
+
+    def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Full-sensor (offset ADU, relative gain, read noise e) maps, read-only."""
+        return _camera_maps(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _camera_maps(camera: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([camera.serial, 0xCA3])
+    shape = SENSOR_SHAPE
+    offset = camera.offset_adu + camera.offset_sd_adu * rng.standard_normal(shape, np.float32)
+    gain = 1.0 + camera.gain_sd * rng.standard_normal(shape, np.float32)
+    sigma = camera.read_noise_sigma
+    read = camera.read_noise_e * np.exp(
+        sigma * rng.standard_normal(shape, np.float32) - 0.5 * sigma**2
+    )
+    out = (offset.astype(np.float32), gain.astype(np.float32), read.astype(np.float32))
+    for arr in out:
+        arr.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True)
+class SimRig:
+    """Everything that differs between two microscopes besides the specimen.
+
+    Optics (objective, wavelengths, pixel), camera, the TIRF penetration depth its laser
+    angle is set to, the share of scattered (non-evanescent) TIRF excitation and its
+    decay length, and which illumination profile its light path has.
+    """
+
+    optics: Optics
+    camera: Camera
+    tirf_depth_um: float = 0.1
+    scatter_fraction: float = 0.1
+    scatter_length_um: float = 5.0
+    profile: int = 0
+
+
+CAMERA_A = Camera("sCMOS A (Orca-Flash-like)", 0.8, 0.5, 100.0, 1.5, serial=11)
+CAMERA_B = Camera(
+    "sCMOS B (back-illuminated)", 0.95, 0.24, 400.0, 1.0, offset_sd_adu=3.0, serial=23
+)
+# kept for callers that want the mean camera calibration of the default rig
+QUANTUM_EFFICIENCY = CAMERA_A.quantum_efficiency
+ELECTRONS_PER_ADU = CAMERA_A.electrons_per_adu
+OFFSET_ADU = CAMERA_A.offset_adu
+READ_NOISE_E = CAMERA_A.read_noise_e
+DEFAULT_PENETRATION_DEPTH_UM = 0.1
+
+
+def _objective(name: str, na: float, pixel_um: float, emission: float, excitation: float) -> Optics:
     return Optics(
         objective=name,
-        na=1.5,
-        emission_wavelength_nm=670.0,
-        excitation_wavelength_nm=638.0,
+        na=na,
+        emission_wavelength_nm=emission,
+        excitation_wavelength_nm=excitation,
         immersion_index=1.518,
         sample_index=1.33,
         pixel_size_um=pixel_um,
@@ -91,27 +168,40 @@ def _objective(name: str, pixel_um: float) -> Optics:
     )
 
 
-DEFAULT_OBJECTIVES: dict[str, Optics] = {
-    "60X": _objective("60X", 0.0975),
-    "100X": _objective("100X", 0.0585),
+DEFAULT_RIGS: dict[str, SimRig] = {
+    "60X": SimRig(_objective("60X", 1.5, 0.0975, 670.0, 638.0), CAMERA_A, 0.1, 0.1, 5.0, 0),
+    # the demo's second microscope: other objective, laser line, dye, camera and TIRF angle
+    "100X": SimRig(_objective("100X", 1.45, 0.065, 600.0, 561.0), CAMERA_B, 0.15, 0.12, 4.0, 1),
+}
+DEFAULT_OBJECTIVES: dict[str, Optics] = {k: v.optics for k, v in DEFAULT_RIGS.items()}
+
+
+_PROFILES = {  # (EPI centre u, v, width), (TIRF centre u, v, widths u, v, angle)
+    0: ((0.08, -0.05, 0.75), (-0.12, 0.06, 0.55, 0.7, 0.0)),
+    1: ((-0.1, 0.12, 0.6), (0.15, -0.1, 0.45, 0.8, 0.5)),
 }
 
 
 @functools.lru_cache(maxsize=8)
-def illumination_profile(mode: str, roi: tuple[int, int, int, int]) -> np.ndarray:
+def illumination_profile(mode: str, roi: tuple[int, int, int, int], variant: int = 0) -> np.ndarray:
     """Relative excitation over the ROI (x, y, w, h) of the sensor: smooth, <= 1, read-only.
 
-    EPI: a broad, slightly off-centre Gaussian on a floor; TIRF: a narrower elliptical
-    laser spot, offset the other way (as a real rig's TIRF beam).
+    EPI: a broad, off-centre Gaussian on a floor; TIRF: a narrower, tilted elliptical
+    laser spot, offset the other way (as a real rig's TIRF beam). `variant` picks the
+    light path of one rig.
     """
     x, y, w, h = roi
+    (eu, ev, ew), (tu, tv, twu, twv, tang) = _PROFILES[variant % len(_PROFILES)]
     cy, cx = (SENSOR_SHAPE[0] - 1) / 2, (SENSOR_SHAPE[1] - 1) / 2
     v = (np.arange(y, y + h) - cy)[:, None] / cy
     u = (np.arange(x, x + w) - cx)[None, :] / cx
     if mode == "EPI":
-        profile = 0.35 + 0.65 * np.exp(-((u - 0.08) ** 2 + (v + 0.05) ** 2) / (2 * 0.75**2))
+        profile = 0.35 + 0.65 * np.exp(-((u - eu) ** 2 + (v - ev) ** 2) / (2 * ew**2))
     else:
-        g = np.exp(-((u + 0.12) ** 2) / (2 * 0.55**2) - (v - 0.06) ** 2 / (2 * 0.7**2))
+        c, s_ = math.cos(tang), math.sin(tang)
+        du, dv = u - tu, v - tv
+        ru, rv = du * c + dv * s_, -du * s_ + dv * c
+        g = np.exp(-(ru**2) / (2 * twu**2) - rv**2 / (2 * twv**2))
         profile = 0.15 + 0.85 * g
     out = profile.astype(np.float32)
     out.setflags(write=False)
@@ -157,7 +247,12 @@ class _Band:
 
 
 class _OTFCache:
-    """Band-limited Born & Wolf OTFs (times the filament profile), per defocus; LRU by bytes."""
+    """Band-limited OTFs per (emitter height, focus), times the specimen's transfer; LRU.
+
+    "gibson_lanni": the depth-dependent PSF of an oil objective imaging into the aqueous
+    sample (what the simulated camera sees); "born_wolf": the paraxial, index-matched
+    PSF of the defocus alone (the idealised in-focus reference).
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -165,20 +260,27 @@ class _OTFCache:
         self._max = max_bytes
         self._lock = threading.Lock()
 
-    def get(self, optics: Optics, band: _Band, defocus: Sequence[float]) -> list[np.ndarray]:
-        keys = [self._key(optics, band, dz) for dz in defocus]
+    def get(
+        self,
+        optics: Optics,
+        band: _Band,
+        emitters_um: Sequence[float],
+        focus_um: float,
+        model: str = "gibson_lanni",
+    ) -> list[np.ndarray]:
+        keys = [self._key(optics, band, z, focus_um, model) for z in emitters_um]
         with self._lock:
             found = {k: self._items[k] for k in keys if k in self._items}
             for k in found:
                 self._items.move_to_end(k)
-        missing = sorted({k[-1] for k in keys if k not in found})
-        if missing:
-            for chunk in range(0, len(missing), _PLANE_CHUNK):
-                dzs = missing[chunk : chunk + _PLANE_CHUNK]
-                for dz, otf in zip(dzs, self._compute(optics, band, dzs), strict=True):
-                    key = self._key(optics, band, dz)
-                    found[key] = otf
-                    self._put(key, otf)
+        missing = sorted({k[-3] for k in keys if k not in found})
+        for chunk in range(0, len(missing), _PLANE_CHUNK):
+            zs = missing[chunk : chunk + _PLANE_CHUNK]
+            otfs = self._compute(optics, band, zs, round(float(focus_um), 4), model)
+            for z, otf in zip(zs, otfs, strict=True):
+                key = self._key(optics, band, z, focus_um, model)
+                found[key] = otf
+                self._put(key, otf)
         return [found[k] for k in keys]
 
     def clear(self) -> None:
@@ -187,8 +289,9 @@ class _OTFCache:
             self._bytes = 0
 
     @staticmethod
-    def _key(optics: Optics, band: _Band, dz: float) -> tuple:
-        return (optics, band.shape, band.rows.size, band.ncols, round(float(dz), 4))
+    def _key(optics: Optics, band: _Band, z: float, focus: float, model: str) -> tuple:
+        shape = (band.shape, band.rows.size, band.ncols)
+        return (optics, shape, round(float(z), 4), round(float(focus), 4), model)
 
     def _put(self, key: tuple, otf: np.ndarray) -> None:
         with self._lock:
@@ -201,18 +304,30 @@ class _OTFCache:
                 self._bytes -= old.nbytes
 
     @staticmethod
-    def _compute(optics: Optics, band: _Band, defocus: Sequence[float]) -> list[np.ndarray]:
+    def _compute(
+        optics: Optics, band: _Band, emitters: Sequence[float], focus: float, model: str
+    ) -> list[np.ndarray]:
         """The PSF is even in x and y, so its DFT on the band is a folded cosine transform:
-        two small matrix products per defocus instead of a full-size FFT."""
+        two small matrix products per plane instead of a full-size FFT.
+
+        The specimen's transfer multiplies every OTF: the filaments' Gaussian profile, and
+        the camera pixel's box (sinc) in place of the bilinear splatting kernel (sinc^2)
+        the specimen was deposited with.
+        """
         ny, nx = band.shape
         p = optics.pixel_size_um
         half = min(math.ceil(PSF_MARGIN_UM / p), (min(ny, nx) - 1) // 2)
-        psfs = born_wolf_psf(optics, 2 * half + 1, list(defocus))
+        size = 2 * half + 1
+        if model == "born_wolf":
+            psfs = list(born_wolf_psf(optics, size, [z - focus for z in emitters]))
+        else:
+            psfs = [depth_psf(optics, size, max(float(z), 0.0), focus) for z in emitters]
         fy, fx = band.freqs(p)
         lag = np.arange(half + 1) * p
         cos_y = np.cos(2 * np.pi * fy * lag[None, :]).astype(np.float32)
         cos_x = np.cos(2 * np.pi * fx.T * lag[None, :]).astype(np.float32).T.copy()
         profile = np.exp(-2 * (np.pi * FILAMENT_SIGMA_UM) ** 2 * (fy**2 + fx**2))
+        profile = profile / (np.sinc(fy * p) * np.sinc(fx * p))
         out = []
         for psf in psfs:
             rows = psf[half:].copy()
@@ -259,27 +374,34 @@ class SimulatedMicroscope:
         seed: int = 0,
         objectives: dict[str, Optics] | None = None,
         drift_px: float = 0.8,
+        family: str = DEFAULT_FAMILY,
+        rigs: dict[str, SimRig] | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self.seed = int(seed)
-        self.objectives = dict(objectives or DEFAULT_OBJECTIVES)
-        if not self.objectives:
+        self.family = check_family(family)
+        if rigs is None and objectives is None:
+            rigs = dict(DEFAULT_RIGS)
+        elif rigs is None:
+            base = DEFAULT_RIGS["60X"]
+            rigs = {k: replace(DEFAULT_RIGS.get(k, base), optics=o) for k, o in objectives.items()}
+        if not rigs:
             raise ValueError("objectives must name at least one objective")
+        self.rigs = dict(rigs)
+        self.objectives = {k: r.optics for k, r in self.rigs.items()}
         self.drift_scale_px = float(drift_px)
         self.xy_um: tuple[float, float] = (0.0, 0.0)
         self.z_um = 0.0
         self._objective = "60X" if "60X" in self.objectives else next(iter(self.objectives))
         self._illumination = "EPI"
-        first = self.objectives[self._objective]
-        self.tirf_angle_deg = round(
-            angle_for_depth_deg(
-                DEFAULT_PENETRATION_DEPTH_UM,
-                first.excitation_wavelength_nm,
-                first.immersion_index,
-                first.sample_index,
-            ),
-            2,
-        )
+        self._tirf_angles: dict[str, float] = {}
+        for name, rig in self.rigs.items():
+            o = rig.optics
+            angle = angle_for_depth_deg(
+                rig.tirf_depth_um, o.excitation_wavelength_nm, o.immersion_index, o.sample_index
+            )
+            self._tirf_angles[name] = round(angle, 2)
+            check_angle_within_na(angle, o.na, o.immersion_index)
         self.exposure_ms = 100.0
         self.shutter_open = True
         sh, sw = SENSOR_SHAPE
@@ -291,6 +413,26 @@ class SimulatedMicroscope:
         self._fields: OrderedDict[tuple, _Field] = OrderedDict()
         self._override: tuple[np.ndarray, np.ndarray, int] | None = None
         self._override_count = 0
+
+    @property
+    def rig(self) -> SimRig:
+        """The current objective's microscope: optics, camera, TIRF settings."""
+        return self.rigs[self._objective]
+
+    @property
+    def camera(self) -> Camera:
+        return self.rig.camera
+
+    @property
+    def tirf_angle_deg(self) -> float:
+        """TIRF incidence angle in the immersion medium for the current objective."""
+        return self._tirf_angles[self._objective]
+
+    @tirf_angle_deg.setter
+    def tirf_angle_deg(self, value: float) -> None:
+        o = self.optics
+        check_angle_within_na(float(value), o.na, o.immersion_index)
+        self._tirf_angles[self._objective] = float(value)
 
     # ----------------------------------------------------------------- state
     @property
@@ -416,7 +558,7 @@ class SimulatedMicroscope:
         x, y, w, h = self._roi
         ov = None if self._override is None else self._override[2]
         x_um, y_um = (float(v) for v in self.xy_um)
-        key = (self.seed, (x_um, y_um), optics, self._roi, ov)
+        key = (self.seed, self.family, (x_um, y_um), optics, self._roi, ov)
         cached = self._fields.get(key)
         if cached is not None:
             self._fields.move_to_end(key)
@@ -434,7 +576,7 @@ class SimulatedMicroscope:
                 x_um + (origin[1] + (nx - 1) / 2 - cx) * p,
                 y_um + (origin[0] + (ny - 1) / 2 - cy) * p,
             )
-            renderer = SpecimenRenderer(self.seed, centre, (ny, nx), p, z)
+            renderer = SpecimenRenderer(self.seed, centre, (ny, nx), p, z, self.family)
             chunks = (
                 renderer.render(slice(k, k + _PLANE_CHUNK), lateral_profile=False)
                 for k in range(0, z.size, _PLANE_CHUNK)
@@ -478,26 +620,50 @@ class SimulatedMicroscope:
 
     # ------------------------------------------------------------- rendering
     def _plane_weights(self, f: _Field, mode: str) -> np.ndarray:
+        """Relative excitation of each plane, averaged over the plane's axial profile.
+
+        EPI excites everything alike. TIRF: (1 - s) exp(-z / d) + s exp(-z / L), the
+        evanescent field of depth d plus the share s of light scattered out of the beam
+        into the sample (decaying over L); below the critical angle everything is lit.
+        """
         if mode == "EPI":
             return np.ones(f.axial.z.size)
         d = self.penetration_depth_um
         if not math.isfinite(d):
             return np.ones(f.axial.z.size)
-        return np.exp(-np.maximum(f.axial.z, 0.0) / d)
+        rig = self.rig
+        return _tirf_plane_weights(
+            tuple(f.axial.z.tolist()), d, rig.scatter_fraction, rig.scatter_length_um
+        )
 
     def _scale(self, mode: str) -> float:
         if not self.exposure_ms >= 0:
             raise ValueError(f"exposure must be >= 0 ms, got {self.exposure_ms}")
         ratio = (REFERENCE_PIXEL_UM / self.optics.pixel_size_um) ** 2
-        return PHOTONS_PER_UNIT_MS[mode] * self.exposure_ms * QUANTUM_EFFICIENCY * ratio
+        qe = self.camera.quantum_efficiency
+        return PHOTONS_PER_UNIT_MS[mode] * self.exposure_ms * qe * ratio
 
-    def _finish(self, f: _Field, block: np.ndarray, mode: str) -> np.ndarray:
-        """Band block -> expected photo-electrons of the binned ROI."""
+    def _medium(self, mode: str) -> float:
+        """Specimen amount per pixel that the autofluorescent medium adds (flat haze)."""
+        column = MEDIUM_COLUMN_UM
+        if mode == "TIRF" and math.isfinite(self.penetration_depth_um):
+            rig = self.rig
+            d = self.penetration_depth_um
+            column = (1 - rig.scatter_fraction) * d + rig.scatter_fraction * rig.scatter_length_um
+        return MEDIUM_PER_UM3 * column * self.optics.pixel_size_um**2
+
+    def _finish(
+        self, f: _Field, block: np.ndarray, mode: str, medium: bool = True
+    ) -> np.ndarray:
+        """Band block -> expected photo-electrons of the binned ROI (plus the medium's glow)."""
         x, y, w, h = self._roi
         img = f.band.image(block)
         r0, c0 = y - f.origin[0], x - f.origin[1]
         img = img[r0 : r0 + h, c0 : c0 + w]
-        img = np.maximum(img, 0.0, dtype=np.float32) * illumination_profile(mode, self._roi)
+        img = np.maximum(img, 0.0, dtype=np.float32)
+        if medium:
+            img += np.float32(self._medium(mode))
+        img *= illumination_profile(mode, self._roi, self.rig.profile)
         img *= np.float32(self._scale(mode))
         return _bin(img, self._binning)
 
@@ -507,7 +673,7 @@ class SimulatedMicroscope:
         idx = np.flatnonzero(f.active & (weights > 1e-6))
         acc = np.zeros(f.spectra.shape[1:], np.complex64)
         if idx.size:
-            otfs = _OTFS.get(f.optics, f.band, (f.axial.z[idx] - self.z_um).tolist())
+            otfs = _OTFS.get(f.optics, f.band, f.axial.z[idx].tolist(), self.z_um)
             tmp = np.empty(acc.shape, np.float32)
             prod = np.empty_like(acc)
             for k, otf in zip(idx, otfs, strict=True):
@@ -546,9 +712,19 @@ class SimulatedMicroscope:
         """
         with self.lock:
             electrons = self._image("TIRF", drift=False)
-        if not camera_units:
-            return electrons
-        return electrons / np.float32(ELECTRONS_PER_ADU) + np.float32(OFFSET_ADU)
+            if not camera_units:
+                return electrons
+            offset, gain, _ = self._camera_maps()
+            return electrons * gain / np.float32(self.camera.electrons_per_adu) + offset
+
+    def _camera_maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offset, gain and read-noise maps under the ROI (first pixel of each bin)."""
+        x, y, w, h = self._roi
+        b = self._binning
+        fh, fw = self.frame_shape
+        return tuple(  # type: ignore[return-value]
+            m[y : y + h : b, x : x + w : b][:fh, :fw] for m in self.camera.maps()
+        )
 
     def in_focus_section(self) -> np.ndarray:
         """The specimen's `SECTION_THICKNESS_UM` section at `z_um`, in-focus PSF, EPI scale.
@@ -562,11 +738,11 @@ class SimulatedMicroscope:
             acc = np.zeros(f.spectra.shape[1:], np.complex64)
             coeff = np.array([ax.hat(k, self.z_um) for k in range(ax.z.size)], float)
             coeff *= SECTION_THICKNESS_UM / ax.thickness
-            (otf,) = _OTFS.get(f.optics, f.band, [0.0])
+            (otf,) = _OTFS.get(f.optics, f.band, [0.0], 0.0, model="born_wolf")
             for k in np.flatnonzero(coeff > 0):
                 acc += f.spectra[k] * np.float32(coeff[k])
             acc *= otf
-            return self._finish(f, acc, "EPI")
+            return self._finish(f, acc, "EPI", medium=False)
 
     def specimen(self) -> np.ndarray:
         """The specimen under the ROI: (Z, h, w) amounts, unbinned pixels, read-only.
@@ -584,7 +760,9 @@ class SimulatedMicroscope:
                         self.xy_um[0] + (x + (w - 1) / 2 - cx) * p,
                         self.xy_um[1] + (y + (h - 1) / 2 - cy) * p,
                     )
-                    vol = SpecimenRenderer(self.seed, centre, (h, w), p, SAMPLE_PLANES_UM).render()
+                    vol = SpecimenRenderer(
+                        self.seed, centre, (h, w), p, SAMPLE_PLANES_UM, self.family
+                    ).render()
                 else:
                     vol = self._override_region(self._override[0], (y, x), (h, w))
                 vol.setflags(write=False)
@@ -597,11 +775,10 @@ class SimulatedMicroscope:
             rng = np.random.default_rng([self.seed & 0x7FFFFFFF, self.frames_rendered, 0x5EED])
             self.frames_rendered += 1
             expected = self.noise_free()
+            offset, gain, read = self._camera_maps()
             electrons = rng.poisson(expected).astype(np.float32)
-            electrons += rng.normal(0.0, READ_NOISE_E * self._binning, expected.shape).astype(
-                np.float32
-            )
-            adu = electrons / np.float32(ELECTRONS_PER_ADU) + np.float32(OFFSET_ADU)
+            electrons += rng.standard_normal(expected.shape, np.float32) * (read * self._binning)
+            adu = electrons * gain / np.float32(self.camera.electrons_per_adu) + offset
             return np.clip(np.rint(adu), 0, MAX_ADU).astype(np.uint16)
 
     def clear_cache(self, otfs: bool = False) -> None:
@@ -610,6 +787,24 @@ class SimulatedMicroscope:
             self._fields.clear()
             if otfs:
                 _OTFS.clear()
+
+
+@functools.lru_cache(maxsize=32)
+def _tirf_plane_weights(
+    z: tuple[float, ...], depth_um: float, scatter: float, scatter_length_um: float
+) -> np.ndarray:
+    """TIRF excitation averaged over each plane's hat profile (64-point quadrature)."""
+    ax = AxialSampling(z)
+    out = np.empty(len(z))
+    t = (np.arange(64) + 0.5) / 64
+    for k in range(len(z)):
+        zz = np.concatenate([ax.z[k] - ax.left[k] * (1 - t), ax.z[k] + ax.right[k] * t])
+        hat = ax.hat(k, zz)
+        zc = np.maximum(zz, 0.0)
+        light = (1 - scatter) * np.exp(-zc / depth_um) + scatter * np.exp(-zc / scatter_length_um)
+        out[k] = float((hat * light).sum() / hat.sum())
+    out.setflags(write=False)
+    return out
 
 
 def _bin(img: np.ndarray, b: int) -> np.ndarray:
