@@ -156,3 +156,63 @@ def test_zarr_writer_round_trip(tmp_path: Path, positions: int) -> None:
     assert axes == ["t", "c", "z", "y", "x"]
     scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale[-1] == pytest.approx(0.1) and scale[2] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("cls", [OmeTiffResultWriter, OmeZarrResultWriter])
+def test_stores_record_which_planes_were_processed(tmp_path: Path, cls) -> None:
+    writer = cls(tmp_path / f"ctirf{'.ome.tiff' if cls is OmeTiffResultWriter else '.ome.zarr'}")
+    writer.open(_seq(), (32, 48), channels=("EPI",), metadata=META)
+    writer.write({"t": 0, "c": 0, "z": 1}, _frame(1))
+    writer.write({"t": 2, "c": 0}, np.stack([_frame(z) for z in range(6)]))
+    writer.close()
+    _, meta = read_result(writer.path)
+    mask = meta["processed"]
+    assert len(mask) == 18 and mask == "010000" + "000000" + "111111"
+    assert meta["planes_processed"] == writer.frames_written == 7 == mask.count("1")
+    assert meta["model"] == META  # the rest of the metadata survives the rewrite
+
+
+def test_tiff_writer_uses_ordinary_writes_and_reports_a_full_disk(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """ENOSPC is an OSError the caller can handle (a memory map would SIGBUS instead)."""
+    import errno
+    import os
+
+    writer = OmeTiffResultWriter(tmp_path / "ctirf.ome.tiff")
+    writer.open(_seq(), (32, 48), channels=("EPI",))
+    writer.write({"t": 0, "c": 0, "z": 0}, _frame(1))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as err:
+        writer.write({"t": 1, "c": 0, "z": 0}, _frame(2))
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    writer.close()
+    data, meta = read_result(writer.path)
+    np.testing.assert_array_equal(data[0, 0, 0], _frame(1))
+    assert meta["processed"].count("1") == 1
+
+
+def test_grid_sub_sequence_on_a_position_gets_its_own_images(tmp_path: Path) -> None:
+    """What pymmcore-widgets saves: a position with a grid plan beside a plain position."""
+    seq = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 2},
+        channels=CHANNELS[:1],
+        stage_positions=[{"x": 0, "y": 0, "sequence": {"grid_plan": {"rows": 1, "columns": 2}}},
+                         {"x": 50, "y": 0}],
+    )
+    layout = ResultLayout.from_sequence(seq, (32, 48))
+    assert layout.position_keys == ((0, 0), (0, 1), (1, 0)) and layout.shape == (2, 1, 32, 48)
+    writer = OmeZarrResultWriter(tmp_path / "ctirf.ome.zarr")
+    writer.open(seq, (32, 48))
+    for event in seq:
+        writer.write(dict(event.index), _frame(len(event.index)))
+    writer.close()
+    for pos in range(3):
+        data, meta = read_result(writer.path, position=pos)
+        assert data.shape == (2, 1, 32, 48) and meta["processed"] == "11"
+    with pytest.raises(IndexError, match="grid point 5"):
+        layout.position({"p": 0, "g": 5})

@@ -6,22 +6,27 @@ the processing, so a model crash cannot cost raw data.
 
 cTIRF results go to a second store with the raw store's dimensions, in OME order
 `[t][c][z]yx` (channels: only the processed ones), float32 in the input's intensity
-scale, one image per stage position, with the model and PSF metadata
+scale, one image per stage position (each (p, g) pair of the events, so grid
+sub-sequences on positions work), with the model and PSF metadata
 (`Restorer.describe()`) as JSON under the `ctirf` key. Both writers are random access,
-so skipped frames (preview policy) simply stay zero, and both are readable at any
-moment of a run, including after a crash:
+so skipped frames (preview policy) stay zero; which planes hold a result is recorded on
+close as a `processed` mask (one "0"/"1" per plane in `[t][c][z]` order, per position)
+in that JSON. Both are readable at any moment of a run, including after a crash:
 
-- `OmeTiffResultWriter`: a tifffile memory map. The OME-TIFF header and OME-XML are
-  written when the store opens; results land in the mapped pixels (flushed every few
-  seconds and on close), so a killed process leaves a valid file.
+- `OmeTiffResultWriter`: the OME-TIFF header and OME-XML are written when the store
+  opens (pixels left as a sparse hole); results are written with ordinary `pwrite`
+  calls at their plane's offset. Never a memory map: storing into a mapped file on a
+  full disk kills the process with SIGBUS, while `pwrite` raises OSError(ENOSPC).
 - `OmeZarrResultWriter`: OME-Zarr v0.5 created with yaozarrs, written with tensorstore,
   one chunk per plane (each write is a complete chunk file).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import time
+import os
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,7 @@ Format = Literal["ome-tiff", "ome-zarr"]
 SUFFIXES: dict[str, str] = {"ome-tiff": ".ome.tiff", "ome-zarr": ".ome.zarr"}
 RAW_STEM, RESULT_STEM = "raw", "ctirf"
 ORDER = ("t", "c", "z")
-FLUSH_INTERVAL_S = 2.0
+OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
 
 
 def check_format(fmt: str) -> Format:
@@ -86,8 +91,7 @@ class ResultLayout:
     axes: tuple[str, ...]
     sizes: tuple[int, ...]
     frame_shape: tuple[int, int]
-    positions: int
-    grid: int
+    position_keys: tuple[tuple[int, int], ...]
     channel_index: Mapping[int, int]
     channel_names: tuple[str, ...]
     pixel_size_um: float | None = None
@@ -102,7 +106,11 @@ class ResultLayout:
         channels: Sequence[str] = (),
         pixel_size_um: float | None = None,
     ) -> ResultLayout:
-        """Dimensions t, c (processed channels only), z of a finite MDASequence."""
+        """Dimensions t, c (processed channels only), z of a finite MDASequence.
+
+        Sizes and positions come from the events themselves, so sub-sequences on a
+        position (a grid, its own z plan) get their own image and fit the store.
+        """
         import useq
 
         if not isinstance(sequence, useq.MDASequence):
@@ -111,9 +119,17 @@ class ResultLayout:
                 "got " + type(sequence).__name__
             )
         try:
-            sizes = {k: int(v) for k, v in sequence.sizes.items()}
+            dict(sequence.sizes)
         except (ZeroDivisionError, TypeError, ValueError):
             raise ValueError("cTIRF results need a sequence of finite length") from None
+        extent = dict.fromkeys(ORDER, 0)
+        keys: dict[tuple[int, int], None] = {}
+        for event in sequence:
+            index = event.index
+            keys.setdefault((int(index.get("p", 0)), int(index.get("g", 0))))
+            for ax in ORDER:
+                if ax in index:
+                    extent[ax] = max(extent[ax], int(index[ax]) + 1)
         names = [c.config for c in sequence.channels]
         keep = [i for i, n in enumerate(names) if not channels or n in channels]
         axes: list[str] = []
@@ -123,17 +139,16 @@ class ResultLayout:
                 if names:
                     axes.append("c")
                     dims.append(max(len(keep), 1))
-            elif sizes.get(ax, 0) > 0:
+            elif extent[ax] > 0:
                 axes.append(ax)
-                dims.append(sizes[ax])
+                dims.append(extent[ax])
         z_step = getattr(sequence.z_plan, "step", None) if sequence.z_plan else None
         interval = getattr(sequence.time_plan, "interval", None) if sequence.time_plan else None
         return cls(
             axes=tuple(axes),
             sizes=tuple(dims),
             frame_shape=(int(frame_shape[-2]), int(frame_shape[-1])),
-            positions=max(sizes.get("p", 0), 1) * max(sizes.get("g", 0), 1),
-            grid=max(sizes.get("g", 0), 1),
+            position_keys=tuple(keys) or ((0, 0),),
             channel_index={src: dst for dst, src in enumerate(keep)},
             channel_names=tuple(names[i] for i in keep),
             pixel_size_um=pixel_size_um,
@@ -142,13 +157,35 @@ class ResultLayout:
         )
 
     @property
+    def positions(self) -> int:
+        """Number of images: one per (position, grid point) the events visit."""
+        return len(self.position_keys)
+
+    @property
+    def planes(self) -> int:
+        """Planes in one position's image."""
+        return int(np.prod(self.sizes)) if self.sizes else 1
+
+    @property
+    def plane_bytes(self) -> int:
+        """Bytes of one float32 result plane."""
+        return int(np.prod(self.frame_shape)) * 4
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """Shape of one position's array: sizes + (Y, X)."""
         return (*self.sizes, *self.frame_shape)
 
     def position(self, index: Mapping[str, int]) -> int:
-        """Linear position of an event index over (p, g)."""
-        return int(index.get("p", 0)) * self.grid + int(index.get("g", 0))
+        """Image number of an event index: its (p, g) pair in the order events visit them."""
+        key = (int(index.get("p", 0)), int(index.get("g", 0)))
+        if key not in self._position_lookup:
+            raise IndexError(f"position {key[0]}, grid point {key[1]} is not in the sequence")
+        return self._position_lookup[key]
+
+    @functools.cached_property
+    def _position_lookup(self) -> dict[tuple[int, int], int]:
+        return {key: i for i, key in enumerate(self.position_keys)}
 
     def locate(
         self, index: Mapping[str, int], result: np.ndarray
@@ -161,8 +198,6 @@ class ResultLayout:
                 f"{self.frame_shape} frames"
             )
         pos = self.position(index)
-        if not 0 <= pos < self.positions:
-            raise IndexError(f"position index {pos} outside the sequence's {self.positions}")
         base = {ax: int(index.get(ax, 0)) for ax in self.axes}
         if "c" in base:
             src = base["c"]
@@ -217,6 +252,8 @@ class _BaseResultWriter:
         self.overwrite = overwrite
         self.layout: ResultLayout | None = None
         self.frames_written = 0
+        self._done: list[np.ndarray] = []
+        self._meta: dict[str, Any] = {}
 
     def _layout(
         self,
@@ -226,18 +263,41 @@ class _BaseResultWriter:
         pixel_size_um: float | None,
     ) -> ResultLayout:
         if self.path.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.path} exists; choose another output or overwrite it")
+            raise FileExistsError(f"{self.path} exists; choose another output or pass --overwrite")
         self.layout = ResultLayout.from_sequence(sequence, frame_shape, channels, pixel_size_um)
+        self._done = [np.zeros(self.layout.planes, bool) for _ in range(self.layout.positions)]
+        self.frames_written = 0
         return self.layout
+
+    def _mark(self, pos: int, idx: tuple[int, ...]) -> None:
+        assert self.layout is not None
+        flat = np.ravel_multi_index(idx, self.layout.sizes) if idx else 0
+        if not self._done[pos][flat]:
+            self._done[pos][flat] = True
+            self.frames_written += 1
+
+    @property
+    def planes_total(self) -> int:
+        """Planes the store has room for, over all positions."""
+        return self.layout.planes * self.layout.positions if self.layout else 0
+
+    def processed_masks(self) -> list[str]:
+        """Per position, one "0"/"1" per plane (`[t][c][z]` order): 1 where a result is stored."""
+        return ["".join("1" if d else "0" for d in done) for done in self._done]
+
+    def _final_meta(self, position: int | None = None) -> dict[str, Any]:
+        masks = self.processed_masks()
+        processed: Any = masks if position is None else masks[position]
+        return {**self._meta, "processed": processed, "planes_processed": self.frames_written}
 
 
 class OmeTiffResultWriter(_BaseResultWriter):
-    """cTIRF results as memory-mapped OME-TIFF (one file, or a folder with one per position)."""
+    """cTIRF results as OME-TIFF (one file, or a folder with one per position), pwrite'd."""
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         super().__init__(path, overwrite=overwrite)
-        self._maps: list[np.memmap] = []
-        self._last_flush = 0.0
+        self._fds: list[int] = []
+        self._offsets: list[int] = []
         self.files: list[Path] = []
 
     def open(
@@ -249,11 +309,12 @@ class OmeTiffResultWriter(_BaseResultWriter):
         metadata: Mapping[str, Any] | None = None,
         pixel_size_um: float | None = None,
     ) -> None:
-        """Create the file(s) at full size; they are valid OME-TIFF from this moment."""
+        """Create the file(s): header and OME-XML now, pixels as a hole filled by `write`."""
         import shutil
 
         import tifffile
 
+        self.close()
         layout = self._layout(sequence, frame_shape, channels, pixel_size_um)
         if self.path.is_dir():
             shutil.rmtree(self.path)
@@ -263,22 +324,23 @@ class OmeTiffResultWriter(_BaseResultWriter):
             self.path.mkdir(parents=True, exist_ok=True)
             self.files = [self.path / f"p{i:03d}.ome.tiff" for i in range(layout.positions)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        meta = _store_metadata(layout, sequence, metadata)
-        nbytes = int(np.prod(layout.shape)) * 4
+        self._meta = _store_metadata(layout, sequence, metadata)
+        nbytes = layout.planes * layout.plane_bytes
         for i, file in enumerate(self.files):
-            ome = self._ome(layout, {**meta, "position": i})
+            ome = self._ome(layout, {**self._meta, "position": i, "processed": "pending"})
             file.unlink(missing_ok=True)
-            mm = tifffile.memmap(
+            offset, _ = tifffile.imwrite(
                 file,
                 shape=layout.shape,
-                dtype="float32",
+                dtype="<f4",
                 ome=True,
                 bigtiff=nbytes > 2**31,
                 photometric="minisblack",
                 metadata=ome,
+                returnoffset=True,
             )
-            self._maps.append(mm)
-        self._last_flush = time.monotonic()
+            self._offsets.append(int(offset))
+            self._fds.append(os.open(file, os.O_RDWR))
 
     @staticmethod
     def _ome(layout: ResultLayout, meta: dict[str, Any]) -> dict[str, Any]:
@@ -301,28 +363,49 @@ class OmeTiffResultWriter(_BaseResultWriter):
         return ome
 
     def write(self, event_index: Mapping[str, int], result: np.ndarray) -> None:
-        """Copy a frame or stack into the mapped file (flushed every few seconds)."""
-        if self.layout is None or not self._maps:
+        """Write a frame or stack at its planes' offsets (OSError, e.g. ENOSPC, propagates)."""
+        if self.layout is None or not self._fds:
             raise RuntimeError("result writer is not open")
         pos, planes = self.layout.locate(event_index, result)
-        target = self._maps[pos]
         for idx, plane in planes:
-            target[idx] = plane
-        self.frames_written += len(planes)
-        if time.monotonic() - self._last_flush > FLUSH_INTERVAL_S:
-            self.flush()
-
-    def flush(self) -> None:
-        """Push written pixels to disk."""
-        for mm in self._maps:
-            mm.flush()
-        self._last_flush = time.monotonic()
+            flat = int(np.ravel_multi_index(idx, self.layout.sizes)) if idx else 0
+            data = np.ascontiguousarray(plane, "<f4").tobytes()
+            _pwrite_all(self._fds[pos], data, self._offsets[pos] + flat * len(data))
+            self._mark(pos, idx)
 
     def close(self) -> None:
-        """Flush and unmap; safe to call twice."""
-        if self._maps:
-            self.flush()
-        self._maps = []
+        """Sync and close the files, then record which planes were processed; safe twice."""
+        fds, self._fds, self._offsets = self._fds, [], []
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if fds:
+            for i, file in enumerate(self.files):
+                _replace_annotation(file, {**self._final_meta(i), "position": i})
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _replace_annotation(file: Path, meta: Mapping[str, Any]) -> None:
+    """Rewrite the ctirf JSON in a TIFF's OME-XML (tifffile rewrites the description tag)."""
+    import tifffile
+
+    with tifffile.TiffFile(file) as tif:
+        xml = tif.pages.first.description
+    ET.register_namespace("", OME_NS)
+    ET.register_namespace("xsi", "http://www.w3.org/2001/XMLSchema-instance")
+    root = ET.fromstring(xml)
+    for value in root.iter(f"{{{OME_NS}}}M"):
+        if value.get("K") == KEY:
+            value.text = json.dumps(meta, default=str)
+    tifffile.tiffcomment(file, ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
 class OmeZarrResultWriter(_BaseResultWriter):
@@ -344,9 +427,10 @@ class OmeZarrResultWriter(_BaseResultWriter):
         """Create the zarr hierarchy with empty (zero-filled) arrays, one chunk per plane."""
         from yaozarrs.write.v05 import Bf2RawBuilder, prepare_image
 
+        self.close()
         layout = self._layout(sequence, frame_shape, channels, pixel_size_um)
         image = self._image_model(layout)
-        meta = _store_metadata(layout, sequence, metadata)
+        meta = self._meta = _store_metadata(layout, sequence, metadata)
         spec = (layout.shape, "float32")
         chunks = (*(1 for _ in layout.sizes), *layout.frame_shape)
         common = dict(chunks=chunks, writer="tensorstore", overwrite=True, compression="none")
@@ -362,10 +446,13 @@ class OmeZarrResultWriter(_BaseResultWriter):
                 builder.add_series(name, image, [spec])
             _, arrays = builder.prepare()
             self._arrays = [arrays[f"{name}/0"] for name in names]
-            root = self.path / "zarr.json"
-            doc = json.loads(root.read_text())
-            doc.setdefault("attributes", {})[KEY] = meta
-            atomic_write_json(root, doc)
+            self._set_attributes(meta)
+
+    def _set_attributes(self, meta: Mapping[str, Any]) -> None:
+        root = self.path / "zarr.json"
+        doc = json.loads(root.read_text())
+        doc.setdefault("attributes", {})[KEY] = dict(meta)
+        atomic_write_json(root, doc)
 
     @staticmethod
     def _image_model(layout: ResultLayout) -> Any:
@@ -409,11 +496,14 @@ class OmeZarrResultWriter(_BaseResultWriter):
         ]
         for f in futures:
             f.result()
-        self.frames_written += len(planes)
+        for idx, _ in planes:
+            self._mark(pos, idx)
 
     def close(self) -> None:
-        """Release the arrays (every write already completed)."""
-        self._arrays = []
+        """Release the arrays (every write already completed) and record what was processed."""
+        if self._arrays:
+            self._arrays = []
+            self._set_attributes(self._final_meta())
 
 
 def make_result_writer(
@@ -448,4 +538,7 @@ def _read_zarr(path: Path, position: int) -> tuple[np.ndarray, dict[str, Any]]:
     store = ts.open(
         {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(array_path)}}
     ).result()
-    return np.asarray(store.read().result()), attrs.get(KEY, {})
+    meta = dict(attrs.get(KEY, {}))
+    if isinstance(meta.get("processed"), list):
+        meta["processed"] = meta["processed"][position]
+    return np.asarray(store.read().result()), meta
