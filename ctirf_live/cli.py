@@ -438,23 +438,40 @@ def acquire(
         TextColumn("[bold]{task.fields[phase]}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("frames; processed {task.fields[processed]}, skipped {task.fields[skipped]}"
-                   ", errors {task.fields[errors]}, queue {task.fields[queue]}"),
+        TextColumn(
+            "frames; processed {task.fields[processed]}, skipped {task.fields[skipped]}"
+            ", errors {task.fields[errors]}, queue {task.fields[queue]}"
+        ),
         TimeElapsedColumn(),
     )
     with open_core(config) as core, Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("", total=None, phase="acquiring", processed=0, skipped=0,
-                            errors=0, queue=0)
+        task = bar.add_task(
+            "", total=None, phase="acquiring", processed=0, skipped=0, errors=0, queue=0
+        )
 
         def show(stats: Any, frames: int, total: int, phase: str) -> None:
-            bar.update(task, completed=frames, total=total, phase=phase,
-                       processed=stats.processed, skipped=stats.skipped,
-                       errors=stats.errors, queue=stats.queue_depth)
+            bar.update(
+                task,
+                completed=frames,
+                total=total,
+                phase=phase,
+                processed=stats.processed,
+                skipped=stats.skipped,
+                errors=stats.errors,
+                queue=stats.queue_depth,
+            )
 
         result = run_acquire(
-            core, seq, restorer, out, policy=policy, fmt=fmt,  # type: ignore[arg-type]
+            core,
+            seq,
+            restorer,
+            out,
+            policy=policy,
+            fmt=fmt,  # type: ignore[arg-type]
             channels=tuple(c.strip() for c in channels.split(",") if c.strip()),
-            queue_size=queue_size, overwrite=overwrite, progress=show,
+            queue_size=queue_size,
+            overwrite=overwrite,
+            progress=show,
         )
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -463,8 +480,11 @@ def acquire(
     s = result.stats
     table = Table(title="live cTIRF", show_header=False)
     table.add_row("frames", f"{result.frames_acquired} / {result.frames_expected} acquired")
-    table.add_row("processed", f"{s.processed} (skipped {s.skipped}, errors {s.errors}, "
-                  f"other channels {s.ignored}, spilled {s.spilled})")
+    table.add_row(
+        "processed",
+        f"{s.processed} (skipped {s.skipped}, errors {s.errors}, "
+        f"other channels {s.ignored}, spilled {s.spilled})",
+    )
     table.add_row("latency", f"p50 {s.latency_p50_ms:.0f} ms, p95 {s.latency_p95_ms:.0f} ms")
     table.add_row("throughput", f"{s.processed_fps:.1f} frames/s on {restorer.device}")
     table.add_row("acquisition", f"{result.acquisition_s:.1f} s (total {result.total_s:.1f} s)")
@@ -567,7 +587,12 @@ def _progress(label: str) -> Any:
 
 
 def _evaluation_source(
-    data: Path | None, synthetic: int | None, objective: str | None, size: int, seed: int
+    data: Path | None,
+    synthetic: int | None,
+    objective: str | None,
+    size: int,
+    seed: int,
+    families: str = "factin",
 ) -> Any:
     """Pairs from a dataset folder or the simulated microscope (`objective` checked)."""
     from ctirf_live.data.loaders import PairSource
@@ -586,7 +611,12 @@ def _evaluation_source(
     bar, update = _progress("rendering pairs")
     with bar:
         source = PairSource.synthetic(
-            synthetic or 0, objective, seed=seed, roi=size, progress=False
+            synthetic or 0,
+            objective,
+            seed=seed,
+            roi=size,
+            progress=False,
+            families=[f.strip() for f in families.split(",") if f.strip()],
         )
         update(len(source), len(source))
     return source
@@ -689,6 +719,17 @@ def evaluate(
     adaptation: Annotated[
         bool, typer.Option(help="Fine-tune hybrid vs baseline, MS-SSIM per epoch (Fig. 2d)")
     ] = False,
+    sectioning: Annotated[
+        bool,
+        typer.Option(
+            "--sectioning",
+            help="Filament survival at z = 0, 0.2, 0.5, 1, 2 um in a simulated cell (vs TIRF)",
+        ),
+    ] = False,
+    families: Annotated[
+        str,
+        typer.Option(help="Simulated specimen families, comma-separated: factin, membrane, tissue"),
+    ] = "factin",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs for --adaptation")] = 20,
     baseline_model: Annotated[
         str | None,
@@ -719,6 +760,10 @@ def evaluate(
             objective = model_objective if model_objective in SIMULATED_OBJECTIVES else "60X"
             if adaptation:
                 objective = "100X" if objective == "60X" else "60X"
+        if sectioning:
+            _evaluate_sectioning(restorer, _baseline_names(baselines), out, seed)
+            if data is None and synthetic is None:
+                return
         if axial is None:
             axial = stack is not None or synthetic is not None
         axial = axial and not adaptation
@@ -728,7 +773,7 @@ def evaluate(
         names = _baseline_names(baselines)
         if adaptation and synthetic is not None:
             synthetic *= 2  # N pairs to train on and N held out
-        source = _evaluation_source(data, synthetic, objective, size, seed)
+        source = _evaluation_source(data, synthetic, objective, size, seed, families)
         out.mkdir(parents=True, exist_ok=True)
         if adaptation:
             _evaluate_adaptation(
@@ -794,6 +839,33 @@ def _axial_input(
     return epi, pixel or model_pixel, step, str(stack)
 
 
+def _evaluate_sectioning(restorer: Any, names: list[str], out: Path, seed: int) -> None:
+    """Filament survival table (sectioning.json) and its console table."""
+    from rich.table import Table
+
+    from ctirf_live.atomic import atomic_write_json
+    from ctirf_live.evaluation.sectioning import evaluate_sectioning
+
+    out.mkdir(parents=True, exist_ok=True)
+    bar, update = _progress("sectioning test")
+    with bar:
+        result = evaluate_sectioning(restorer, names, seed=seed + 11)
+        update(1, 1)
+    atomic_write_json(out / "sectioning.json", result.to_dict())
+    table = Table(title="filament survival (relative to the filament on the coverslip)")
+    table.add_column("method")
+    table.add_column("filament")
+    for z in result.heights_um:
+        table.add_column(f"z={z:g} um", justify="right")
+    table.add_column("max |dev| vs TIRF", justify="right")
+    for method, levels in result.survival.items():
+        dev = "" if method == "tirf" else f"{result.deviation_from(method):.2f}"
+        for level, values in levels.items():
+            table.add_row(method, level, *(f"{v:.3f}" for v in values), dev)
+    console.print(table)
+    console.print(f"wrote {out / 'sectioning.json'}")
+
+
 def _evaluate_pairs(restorer: Any, source: Any, names: list[str], out: Path) -> None:
     from ctirf_live.evaluation.report import comparison_figure, evaluate_pairs, method_outputs
 
@@ -850,8 +922,9 @@ def _evaluate_axial(
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="folder for everything the demo makes")]
-    = Path("demo_out"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="folder for everything the demo makes")
+    ] = Path("demo_out"),
     pairs: Annotated[int, typer.Option(help="calibration pairs to collect")] = 20,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs")] = 8,
     model: Annotated[str, typer.Option(help="checkpoint to fine-tune")] = "et2dnet_s0_60x_sim",

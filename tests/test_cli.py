@@ -31,7 +31,7 @@ def test_snap_writes_ome_tiff_with_metadata(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data, info = read_ome_tiff(out)
     assert data.shape == (512, 512) and data.dtype == np.uint16
-    assert info.pixel_size_um == pytest.approx(0.0585)
+    assert info.pixel_size_um == pytest.approx(0.065)
     assert info.channel_names == ["EPI"]
     meta = info.metadata
     assert meta["mode"] == "EPI" and meta["optics"]["objective"] == "100X"

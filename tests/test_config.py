@@ -32,7 +32,9 @@ def test_demo_optics_file_loads_both_objectives() -> None:
     cfg = Path(__file__).parents[1] / "acquisition_configs" / "ctirf_demo.optics.yaml"
     objectives = load_optics_file(cfg)
     assert set(objectives) == {"60X", "100X"}
-    assert objectives["100X"].pixel_size_um == pytest.approx(0.0585)
+    assert objectives["100X"].pixel_size_um == pytest.approx(0.065)
+    assert objectives["100X"].na == pytest.approx(1.45)
+    assert objectives["100X"].emission_wavelength_nm == pytest.approx(600)
     assert objectives["60X"].immersion_index == pytest.approx(1.518)
 
 

@@ -19,7 +19,7 @@ def test_demo_rig_is_complete(demo_core) -> None:
     optics = active_optics(demo_core, rig)
     assert optics.objective == "60X" and optics.pixel_size_um == pytest.approx(0.0975)
     demo_core.setConfig("Objective", "100X")
-    assert active_optics(demo_core, rig).pixel_size_um == pytest.approx(0.0585)
+    assert active_optics(demo_core, rig).pixel_size_um == pytest.approx(0.065)
     demo_core.setProperty("Camera", "Binning", "2")
     assert demo_core.getPixelSizeUm() == pytest.approx(0.117)
 

@@ -895,19 +895,32 @@ class SpecimenRenderer:
         cyto = spec.cytosol * area
         extra = (spec.nucleus - spec.cytosol) * area
         ax = self.axial
+        apical = spec.apical * area
         r0, r1, c0, c1 = cols.box
         for k in range(k0, k1):
-            if ax.z[k] - ax.left[k] >= cols.z_top:
+            lo, hi = ax.z[k] - ax.left[k], ax.z[k] + ax.right[k]
+            if lo >= cols.z_top:
                 break
-            amount = cyto * (ax.cumulative(k, cols.top) - ax.cumulative(k, 0.0))
-            amount += spec.apical * area * (cols.slope * ax.hat(k, cols.top))
-            amount += spec.basal * area * ax.hat(k, _BASAL_MEMBRANE_Z_UM)
-            if cols.n_lo.size:
-                amount[cols.in_nucleus] += extra * (
-                    ax.cumulative(k, cols.n_hi) - ax.cumulative(k, cols.n_lo)
-                )
             sub = vol[k - k0, r0:r1, c0:c1]
-            sub[cols.inside] += amount.astype(np.float32)
+            below = float(ax.cumulative(k, 0.0))
+            basal = spec.basal * area * float(ax.hat(k, _BASAL_MEMBRANE_Z_UM))
+            # columns whose top is above the plane's profile hold a full slab of cytosol
+            full = cyto * (float(ax.thickness[k]) - below) + basal
+            np.add(sub, np.float32(full), out=sub, where=cols.top2d >= hi)
+            if basal:
+                np.add(sub, np.float32(basal), out=sub, where=cols.inside & (cols.top2d <= lo))
+            # columns whose top lies within the profile: partial slab and the apical membrane
+            i0 = np.searchsorted(cols.sorted_top, lo, side="right")
+            i1 = np.searchsorted(cols.sorted_top, hi, side="left")
+            if i1 > i0:
+                t = cols.sorted_top[i0:i1]
+                vals = cyto * (ax.cumulative(k, t) - below) + basal
+                vals += apical * cols.sorted_slope[i0:i1] * ax.hat(k, t)
+                rows, cs = cols.sorted_index[0][i0:i1], cols.sorted_index[1][i0:i1]
+                sub[rows, cs] += vals.astype(np.float32)
+            if cols.n_lo.size and cols.n_span[0] < hi and cols.n_span[1] > lo:
+                nuc = extra * (ax.cumulative(k, cols.n_hi) - ax.cumulative(k, cols.n_lo))
+                sub[cols.nucleus_index] += nuc.astype(np.float32)
 
 
 @dataclass
@@ -922,6 +935,12 @@ class _Columns:
     n_lo: np.ndarray  # nucleus span where in_nucleus
     n_hi: np.ndarray
     z_top: float
+    top2d: np.ndarray  # body height over the box, -1 outside the footprint
+    sorted_top: np.ndarray  # inside pixels' heights, ascending
+    sorted_slope: np.ndarray
+    sorted_index: tuple[np.ndarray, np.ndarray]  # their (row, col) in the box
+    nucleus_index: tuple[np.ndarray, np.ndarray]  # (row, col) of the nucleus columns
+    n_span: tuple[float, float]
 
     @classmethod
     def build(cls, cell: Cell, r: SpecimenRenderer) -> _Columns | None:
@@ -943,15 +962,26 @@ class _Columns:
         top = top2d[inside]
         n_lo, n_hi = cell.nucleus_span(xx[inside], yy[inside], top)
         in_nucleus = n_hi > n_lo
+        slope = np.sqrt(1.0 + gx * gx + gy * gy)[inside]
+        rr, cc = np.nonzero(inside)
+        order = np.argsort(top, kind="stable")
+        n_lo, n_hi = n_lo[in_nucleus], n_hi[in_nucleus]
+        span = (float(n_lo.min()), float(n_hi.max())) if n_lo.size else (0.0, 0.0)
         return cls(
             box=(r0, r1, c0, c1),
             inside=inside,
             top=top,
-            slope=np.sqrt(1.0 + gx * gx + gy * gy)[inside],
+            slope=slope,
             in_nucleus=in_nucleus,
-            n_lo=n_lo[in_nucleus],
-            n_hi=n_hi[in_nucleus],
+            n_lo=n_lo,
+            n_hi=n_hi,
             z_top=float(top.max()),
+            top2d=np.where(inside, top2d, -1.0),
+            sorted_top=top[order],
+            sorted_slope=slope[order],
+            sorted_index=(rr[order], cc[order]),
+            nucleus_index=(rr[in_nucleus], cc[in_nucleus]),
+            n_span=span,
         )
 
 
