@@ -105,6 +105,9 @@ def main() -> None:
     )
     parser.add_argument("--warmup-epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--variance-scaling", choices=("weight", "target", "none"), default="weight"
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--samples-per-epoch", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("runs/shipped_s0"))
@@ -128,9 +131,7 @@ def main() -> None:
         )
     else:
         t0 = time.perf_counter()
-        train_src = PairSource.synthetic(
-            args.pairs, "60X", seed=1, roi=args.roi, families=families
-        )
+        train_src = PairSource.synthetic(args.pairs, "60X", seed=1, roi=args.roi, families=families)
         val_src = PairSource.synthetic(
             args.val_pairs, "60X", seed=2, roi=args.crop, families=families
         )
@@ -142,6 +143,7 @@ def main() -> None:
             crop=args.crop,
             batch_size=4,
             seed=0,
+            variance_scaling=args.variance_scaling,
         )
         torch.manual_seed(0)
         model = ET2dNet(train_src.optics, args.variant, attn_up_eighth=args.attn_up_eighth)
@@ -196,10 +198,10 @@ def main() -> None:
 Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads,
 no GPU (this task was lent none); shared with other work while it ran.
 
-{args.variant} ({record['parameters'] / 1e6:.2f} M parameters), {args.pairs} simulated 60X
+{args.variant} ({record["parameters"] / 1e6:.2f} M parameters), {args.pairs} simulated 60X
 pairs of {args.roi}x{args.roi} (slide seed 1), validation {args.val_pairs} pairs (seed 2),
 random {args.crop}x{args.crop} crops, batch 4, {args.samples_per_epoch} crops per epoch,
-{args.epochs} epochs ({record['steps']} steps), AdamW 5e-4 with 5 warm-up epochs and
+{args.epochs} epochs ({record["steps"]} steps), AdamW 5e-4 with 5 warm-up epochs and
 cosine decay, hybrid loss. Rendering took {render_s / 60:.1f} min, training
 {train_s / 60:.1f} min.
 

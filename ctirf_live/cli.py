@@ -262,6 +262,23 @@ def train_command(
     baseline: Annotated[
         bool, typer.Option(help="Ablation: no self-supervised (reconstructed EPI) branch")
     ] = False,
+    variance_scaling: Annotated[
+        str,
+        typer.Option(
+            help="How TIRF variance damps out-of-focus pairs: weight (loss weight), "
+            "target (multiply the target, the paper's wording) or none"
+        ),
+    ] = "weight",
+    families: Annotated[
+        str,
+        typer.Option(
+            help="--synthetic: specimen families, comma-separated (factin,membrane,tissue)"
+        ),
+    ] = "factin,membrane,tissue",
+    attn_up_eighth: Annotated[
+        bool,
+        typer.Option(help="Attention upsampling at 1/16 -> 1/8 too (EViT-UNet reference)"),
+    ] = True,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
 ) -> None:
@@ -285,13 +302,25 @@ def train_command(
             )
     else:
         roi = max(256, crop or TrainSettings().crop)
-        source = PairSource.synthetic(synthetic or 0, objective or "60X", seed=seed, roi=roi)
+        names = [f.strip() for f in families.split(",") if f.strip()]
+        source = PairSource.synthetic(
+            synthetic or 0, objective or "60X", seed=seed, roi=roi, families=names
+        )
+    if variance_scaling not in ("weight", "target", "none"):
+        raise ValueError(
+            f"--variance-scaling must be weight, target or none, got {variance_scaling!r}"
+        )
     settings = _training_settings(
-        TrainSettings(), epochs, crop, batch_size, seed, min(source.shape)
+        TrainSettings(variance_scaling=variance_scaling),
+        epochs,
+        crop,
+        batch_size,
+        seed,
+        min(source.shape),
     )
     check_crop(source, settings.crop)
     train_source, val_source = split_by_field(source, settings.val_fraction, seed)
-    model = ET2dNet(source.optics, variant)
+    model = ET2dNet(source.optics, variant, attn_up_eighth=attn_up_eighth)
     console.print(
         f"training ET2dNet-{variant} on {source.description}: {len(train_source)} train / "
         f"{len(val_source)} validation pairs, {settings.crop} px crops, {settings.epochs} epochs",
@@ -750,6 +779,7 @@ def evaluate(
     comparison.png, axial.json, axial_xz.png); with --adaptation, fine-tune the hybrid and
     the baseline model and record MS-SSIM per epoch (adaptation.json/.png)."""
     from ctirf_live.evaluation.axial import simulated_stack
+    from ctirf_live.evaluation.report import hold_out_trained
     from ctirf_live.inference.restorer import Restorer, pixel_size_warning
     from ctirf_live.training.trainer import resolve_model_path
 
@@ -782,6 +812,9 @@ def evaluate(
             return
         if warning := pixel_size_warning(restorer.optics, source.optics.pixel_size_um):
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        source, note = hold_out_trained(source, restorer.metadata)
+        if note:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
         _evaluate_pairs(restorer, source, names, out)
         if not axial:
             if stack is None and data is not None:
@@ -953,6 +986,7 @@ def demo(
             f"{m['psnr_mean']:.2f} ± {m['psnr_sd']:.2f}",
         )
     console.print(table)
+    console.print(report.verdict, highlight=False)
     acq = report.acquisition
     console.print(
         f"calibration: {report.pairs} pairs ({report.rejected} fields rejected) in "

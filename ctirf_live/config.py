@@ -149,6 +149,7 @@ class TrainSettings(BaseModel):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     percentile: float = Field(98.0, gt=0, le=100)
+    variance_scaling: Literal["weight", "target", "none"] = "weight"
     loss: LossWeights = LossWeights()
 
 

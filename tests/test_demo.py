@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ctirf_live.config import Optics
-from ctirf_live.demo import DemoOptions, run_demo
+from ctirf_live.demo import DemoOptions, adaptation_verdict, run_demo
 from ctirf_live.models.etnet import ET2dNet, save_model
 
 
@@ -16,12 +16,21 @@ def tiny_60x(tmp_path: Path) -> Path:
 
 def test_demo_runs_the_whole_workflow(tmp_path: Path, tiny_60x: Path) -> None:
     options = DemoOptions(
-        out=tmp_path / "demo", model=str(tiny_60x), pairs=3, epochs=1, crop=64,
-        eval_pairs=2, timepoints=1, roi=128, device="cpu",
+        out=tmp_path / "demo",
+        model=str(tiny_60x),
+        pairs=3,
+        epochs=1,
+        crop=64,
+        eval_pairs=2,
+        timepoints=1,
+        roi=128,
+        device="cpu",
     )
     lines: list[str] = []
     report = run_demo(options, step=lines.append)
-    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    steps = [line[:5] for line in lines if line.startswith("[")]
+    assert steps == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert report.verdict.startswith("fine-tuning") and report.verdict in lines
     assert report.pairs == 3
     assert Path(report.model_path).is_file()
     for scores in (report.before, report.after):
@@ -36,3 +45,17 @@ def test_demo_runs_the_whole_workflow(tmp_path: Path, tiny_60x: Path) -> None:
 def test_demo_without_shipped_model_says_how_to_get_one(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train_shipped"):
         run_demo(DemoOptions(out=tmp_path, model="no_such_model"))
+
+
+def test_adaptation_verdict_says_plainly_whether_fine_tuning_helped() -> None:
+    def scores(mean: float, sd: float = 0.01) -> dict[str, float]:
+        return {"ms_ssim_mean": mean, "ms_ssim_sd": sd}
+
+    assert adaptation_verdict(scores(0.80), scores(0.86), 8, pairs=6).startswith(
+        "fine-tuning helped"
+    )
+    assert "worse" in adaptation_verdict(scores(0.86), scores(0.80), 8, pairs=6)
+    same = adaptation_verdict(scores(0.850), scores(0.852), 8, pairs=6)
+    assert "no measurable difference" in same and "--epochs" in same
+    # a gain smaller than the spread of a few pairs is not called a gain
+    assert "no measurable" in adaptation_verdict(scores(0.80, 0.05), scores(0.81, 0.05), 8, 4)

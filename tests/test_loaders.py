@@ -99,6 +99,27 @@ def test_variance_weight_is_larger_for_structured_tirf_than_for_flat() -> None:
     assert w_structured + w_flat == pytest.approx(2.0, rel=1e-4)
 
 
+def test_literal_variance_scaling_multiplies_the_tirf_target_instead() -> None:
+    rng = np.random.default_rng(2)
+    structured = _structured(rng, (64, 64))
+    flat = (1000 + rng.normal(0, 5, (64, 64))).astype(np.float32)
+    src = PairSource(
+        [FramePair(structured, structured, "a"), FramePair(flat, flat, "b")], Optics(), "toy"
+    )
+    weighted = CropDataset(src, crop=64, augment=False)
+    literal = CropDataset(src, crop=64, augment=False, variance_scaling="target")
+    plain = CropDataset(src, crop=64, augment=False, variance_scaling="none")
+    for i in (0, 1):
+        w = float(weighted[i]["weight"])
+        assert float(literal[i]["weight"]) == float(plain[i]["weight"]) == 1.0
+        np.testing.assert_allclose(
+            literal[i]["tirf"].numpy(), w * plain[i]["tirf"].numpy(), rtol=1e-5
+        )
+        np.testing.assert_array_equal(literal[i]["epi"].numpy(), plain[i]["epi"].numpy())
+    with pytest.raises(ValueError, match="variance_scaling"):
+        CropDataset(src, crop=64, variance_scaling="square")
+
+
 def test_validation_crops_are_centred_and_unrotated() -> None:
     src = _source(shape=(96, 80))
     ds = CropDataset(src, crop=32, seed=5, augment=False, samples_per_epoch=99)

@@ -188,6 +188,46 @@ def test_measured_dataset_is_scored_against_measured_tirf(
     assert not (tmp_path / "out" / "axial.json").exists()
 
 
+def test_evaluate_holds_out_the_pairs_a_model_was_fine_tuned_on(
+    pairs: PairSource, tmp_path: Path
+) -> None:
+    data = _dataset(tmp_path / "ds", pairs)
+    files = PairSource.from_dataset(data).files
+    assert len(files) == 3
+    torch.manual_seed(0)
+    net = ET2dNet(DEFAULT_OBJECTIVES["60X"], "tiny")
+    tuned = save_model(
+        net,
+        tmp_path / "tuned.safetensors",
+        provenance={"train_files": files[:1], "val_files": files[1:2]},
+    )
+    args = ["evaluate", "--model", str(tuned), "--data", str(data), "--baselines", "none"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "held out 2 of 3 pairs" in " ".join(result.output.split())
+    report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert report["pairs"] == 1
+    everything = save_model(
+        net, tmp_path / "all.safetensors", provenance={"train_files": files, "val_files": []}
+    )
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(everything),
+            "--data",
+            str(data),
+            "--baselines",
+            "none",
+            "--out",
+            str(tmp_path / "out2"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "optimistic" in " ".join(result.output.split())
+
+
 def test_axial_from_a_stack_file(checkpoint: Path, pairs: PairSource, tmp_path: Path) -> None:
     stack, optics = simulated_stack(n_planes=18, step_um=0.2, size=64, seed=2)
     path = tmp_path / "stack.ome.tif"

@@ -192,6 +192,10 @@ def test_cli_train_models_and_finetune_end_to_end(pairs: PairSource, tmp_path: P
     assert tuned.exit_code == 0, tuned.output
     assert "PSF switched" not in tuned.output
     assert (tmp_path / "tuned" / "best.safetensors").is_file()
+    _, meta = load_model(tmp_path / "tuned" / "best.safetensors")
+    prov = meta["provenance"]
+    used = sorted(prov["train_files"] + prov["val_files"])
+    assert used == sorted(rec.file for rec in PairedDataset.open(data).pairs)
 
 
 @pytest.mark.parametrize(
@@ -202,6 +206,7 @@ def test_cli_train_models_and_finetune_end_to_end(pairs: PairSource, tmp_path: P
         ("crop", "larger than the frames"),
         ("variant", "unknown variant 'XL'"),
         ("neither", "exactly one of --data"),
+        ("scaling", "--variance-scaling must be"),
     ],
 )
 def test_cli_train_bad_input_is_one_line(tmp_path: Path, case: str, fragment: str) -> None:
@@ -215,6 +220,8 @@ def test_cli_train_bad_input_is_one_line(tmp_path: Path, case: str, fragment: st
         args += ["--data", str(data)]
     if case == "crop":
         args += ["--crop", "128"]
+    if case == "scaling":
+        args += ["--variance-scaling", "square"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output

@@ -13,7 +13,8 @@ shows, from an on-disk `PairedDataset` or rendered by a `SimulatedMicroscope`.
 - the TIRF variance weight: the paper multiplies each TIRF target by its variance to damp
   out-of-focus pairs. Here it is a per-sample loss weight, var(TIRF crop) divided by the
   mean variance of the source's normalised TIRF frames (so weights are of order 1);
-  pass it to `HybridLoss(..., sample_weight=...)`.
+  pass it to `HybridLoss(..., sample_weight=...)`. `variance_scaling="target"` instead
+  multiplies the TIRF crop by that ratio (the paper's literal recipe), "none" skips it.
 
 Samples are deterministic per (seed, epoch, index). Validation uses centre crops of the
 training size without augmentation (`augment=False`).
@@ -46,6 +47,9 @@ origin, away from the fields the demo rig's calibration visits near home."""
 
 _SYNTHETIC_OFFSET_UM = 6.0
 _PROGRESS_FROM = 8
+# how the TIRF variance damps out-of-focus pairs: as a loss weight, literally by multiplying
+# the target (the paper's wording; relative to the mean so targets stay of order 1), or not
+VARIANCE_SCALING = ("weight", "target", "none")
 SYNTHETIC_EXPOSURE_MS = (10.0, 100.0)
 
 
@@ -58,6 +62,7 @@ class FramePair:
     tirf: np.ndarray
     field: str
     truth: np.ndarray | None = None
+    file: str | None = None  # the dataset's pair file, when read from one
 
 
 class PairSource:
@@ -81,6 +86,16 @@ class PairSource:
 
     def __getitem__(self, index: int) -> FramePair:
         return self.pairs[index]
+
+    @property
+    def files(self) -> list[str]:
+        """Dataset pair files of the pairs that came from a dataset, in order."""
+        return [p.file for p in self.pairs if p.file]
+
+    def without_files(self, files: Sequence[str]) -> PairSource:
+        """The pairs whose dataset file is not in `files` (e.g. those a model trained on)."""
+        drop = set(files)
+        return self.subset([i for i, p in enumerate(self.pairs) if p.file not in drop])
 
     @property
     def fields(self) -> list[str]:
@@ -128,7 +143,7 @@ class PairSource:
         pairs = []
         for i, field_id in enumerate(fields):
             epi, tirf = ds.load_pair(i, registered=True)
-            pairs.append(FramePair(epi, tirf, field_id))
+            pairs.append(FramePair(epi, tirf, field_id, file=ds.pairs[i].file))
         return cls(pairs, optics, str(ds.folder))
 
     @classmethod
@@ -229,9 +244,16 @@ class CropDataset(Dataset):
         seed: int = 0,
         samples_per_epoch: int | None = None,
         augment: bool = True,
+        variance_scaling: str = "weight",
     ) -> None:
         if len(source) == 0:
             raise DatasetError(f"{source.description}: no pairs to crop from")
+        if variance_scaling not in VARIANCE_SCALING:
+            raise ValueError(
+                f"variance_scaling must be one of {', '.join(VARIANCE_SCALING)}, "
+                f"got {variance_scaling!r}"
+            )
+        self.variance_scaling = variance_scaling
         if not 0.0 <= rotation_probability <= 1.0:
             raise ValueError(f"rotation_probability must be in [0, 1], got {rotation_probability}")
         check_crop(source, crop)
@@ -287,6 +309,10 @@ class CropDataset(Dataset):
         epi = transform(self._normalised(frame, "epi", window), symmetry)
         tirf = transform(self._normalised(frame, "tirf", window), symmetry)
         weight = float(tirf.var()) / self.reference_variance if self.reference_variance else 1.0
+        if self.variance_scaling == "target":
+            tirf = (tirf * np.float32(weight)).astype(np.float32)
+        if self.variance_scaling != "weight":
+            weight = 1.0
         return {
             "epi": torch.from_numpy(epi)[None],
             "tirf": torch.from_numpy(tirf)[None],

@@ -468,3 +468,26 @@ def _scale_bar(ax: Any, shape: tuple[int, ...], pixel_size_um: float) -> None:
         va="bottom",
         fontsize=7,
     )
+
+
+def hold_out_trained(source: PairSource, metadata: Mapping[str, Any]) -> tuple[PairSource, str]:
+    """Drop the pairs a checkpoint was trained or selected on; say what was done.
+
+    Returns (the pairs to score, a note: empty when nothing overlapped). When every
+    pair trained the model, all are kept and the note says the scores are optimistic.
+    """
+    prov = metadata.get("provenance") or {}
+    used = set(prov.get("train_files") or []) | set(prov.get("val_files") or [])
+    overlap = [f for f in source.files if f in used]
+    if not overlap:
+        return source, ""
+    kept = source.without_files(overlap)
+    if len(kept) == 0:
+        return source, (
+            f"every one of the {len(source)} pairs trained or selected this model: the scores "
+            "below are optimistic; collect held-out pairs with `ctirf calibrate` to score it"
+        )
+    return kept, (
+        f"held out {len(overlap)} of {len(source)} pairs that trained or selected this model; "
+        f"scoring the other {len(kept)}"
+    )

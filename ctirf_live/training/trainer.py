@@ -362,10 +362,15 @@ class _Run:
             settings.percentile,
             settings.seed,
             spe,
+            variance_scaling=settings.variance_scaling,
         )
         self.val_data = (
             CropDataset(
-                self.val_source, settings.crop, percentile=settings.percentile, augment=False
+                self.val_source,
+                settings.crop,
+                percentile=settings.percentile,
+                augment=False,
+                variance_scaling=settings.variance_scaling,
             )
             if self.val_source is not None
             else None
@@ -423,6 +428,10 @@ class _Run:
             "baseline": self.baseline,
             "init_from": self.init_from,
             "device": str(self.device),
+            # which pairs shaped this checkpoint (training and selection), so evaluation
+            # can hold them out
+            "train_files": self.train_source.files,
+            "val_files": self.val_source.files if self.val_source else [],
         }
 
     def _save_resume_state(self) -> None:
