@@ -148,3 +148,16 @@ def test_more_axial_blur_gives_lower_axial_cutoff() -> None:
     assert kcs[0] > 1.8 * kcs[1] > 0
 
 
+
+
+def test_block_artifact_score_finds_a_faint_lattice_and_ignores_content() -> None:
+    from ctirf_live.evaluation.metrics import block_artifact_score
+
+    rng = np.random.default_rng(3)
+    smooth = ndimage.gaussian_filter(rng.random((512, 512)), 3.0)
+    assert block_artifact_score(smooth, 32) < 1.1
+    span = float(smooth.max() - smooth.min())
+    blocks = np.kron(rng.normal(0.0, 1.0, (16, 16)), np.ones((32, 32))) * 0.02 * span
+    assert block_artifact_score(smooth + blocks, 32) > 1.3
+    with pytest.raises(ValueError, match="at least 128 px"):
+        block_artifact_score(smooth[:100], 32)
