@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PY_DEVICE_PREFIX = "#py "
 DEMO_ROI = 512
+RELEASE_TIMEOUT_S = 30.0
 
 
 def optics_file_for(config_path: str | Path) -> Path:
@@ -145,10 +147,27 @@ def _centre_roi(core: CMMCorePlus, size: int) -> None:
         core.setROI((width - size) // 2, (height - size) // 2, size, size)
 
 
-def _release(core: CMMCorePlus) -> None:
-    try:
-        if core.mda.is_running():
+def wait_for_mda_end(core: CMMCorePlus, timeout: float = RELEASE_TIMEOUT_S) -> bool:
+    """Cancel a running MDA and wait (Ctrl-C-proof) until it has ended; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not core.mda.is_running():
+                return True
             core.mda.cancel()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        except KeyboardInterrupt:
+            continue
+
+
+def _release(core: CMMCorePlus) -> None:
+    """Unload the devices, but never under a running MDA (cancel it and wait first)."""
+    try:
+        if not wait_for_mda_end(core):
+            log.error("MDA still running after %.0f s; devices left loaded", RELEASE_TIMEOUT_S)
+            return
         core.unloadAllDevices()
     except Exception as exc:  # releasing must never mask the real error
         log.debug("error while releasing core: %s", exc)

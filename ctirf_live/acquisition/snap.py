@@ -17,6 +17,7 @@ from ctirf_live.acquisition.core import (
     set_illumination,
     set_objective,
 )
+from ctirf_live.acquisition.limits import stage_limits
 from ctirf_live.config import ConfigError, Optics
 from ctirf_live.data.tiff import write_ome_tiff
 
@@ -50,7 +51,12 @@ def snap(
     z_um: float | None = None,
     exposure_ms: float | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Snap one frame in `mode` (an Illumination preset); returns (image, metadata)."""
+    """Snap one frame in `mode` (an Illumination preset); returns (image, metadata).
+
+    `z_um` is checked against the stage limits (`stage_limits`) before anything moves.
+    """
+    if z_um is not None:
+        stage_limits(core, rig.config_path).check("z", float(z_um), "--z")
     optics = set_objective(core, rig, objective) if objective else active_optics(core, rig)
     set_illumination(core, mode)
     if exposure_ms is not None:

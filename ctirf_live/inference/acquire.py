@@ -2,14 +2,18 @@
 
 `acquire` runs a useq sequence (as pymmcore-widgets saves it) on a loaded core with two
 outputs: pymmcore-plus's own raw sink (`DIR/raw.ome.tiff|zarr`) and a `LiveProcessor`
-writing `DIR/ctirf.ome.tiff|zarr`; `DIR/summary.json` records what happened. The MDA
-runs on its own thread, so Ctrl-C in the caller cancels it cleanly: pymmcore-plus closes
-the raw store, the processor drops what is still queued and closes the cTIRF store.
+writing `DIR/ctirf.ome.tiff|zarr`; `DIR/summary.json` records what happened (status
+`running` while the run goes on, so a killed run is recognisable). The MDA runs on its
+own thread, so Ctrl-C in the caller cancels it cleanly: the caller waits for the MDA's
+real end (pymmcore-plus closes the raw store), then finishes or counts the queue.
+After the run the raw store is read back: the summary counts the frames really on
+disk, and a missing raw frame is an error, never a silent exit 0.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +28,9 @@ from ctirf_live import __version__
 from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP, ConfigError
 from ctirf_live.data.tiff import atomic_write_json
 from ctirf_live.inference.backlog import Policy
+from ctirf_live.inference.diskspace import RESERVE_BYTES, DiskBudget, DiskFullError
 from ctirf_live.inference.live import LiveProcessor, LiveStats
+from ctirf_live.inference.rawstore import count_raw_frames
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 from ctirf_live.inference.writers import (
     make_result_writer,
@@ -34,6 +40,10 @@ from ctirf_live.inference.writers import (
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
+
+    from ctirf_live.acquisition.limits import StageLimits
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[LiveStats, int, int, str], None]
 SUMMARY = "summary.json"
@@ -56,21 +66,70 @@ class AcquireResult:
     total_s: float
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    raw_frames_saved: int = 0
+    ctirf_planes_saved: int = 0
+    ctirf_planes: int = 0
+    unprocessed: int = 0
+    failure: str | None = None
 
 
 def load_sequence(path: str | Path) -> useq.MDASequence:
-    """Read a useq sequence from YAML/JSON, with a one-line error when it is not one."""
+    """Read a useq sequence from YAML/JSON; one-line errors that name the bad keys/fields.
+
+    useq ignores unknown keys (`z_plna:` would silently mean "no z plan"), so every key
+    of the file is checked against the model it ends up in, nested plans included.
+    """
+    import yaml
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sequence file not found: {path}")
+    hint = "save one from pymmcore-widgets' MDA widget or write it as useq YAML/JSON"
     try:
-        return useq.MDASequence.from_file(path)
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        sequence = useq.MDASequence.model_validate(data)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path} is not a valid useq MDA sequence ({_why(exc)}); {hint}") from None
+    unknown = unknown_keys(data, sequence)
+    if unknown:
         raise ValueError(
-            f"{path} is not a valid useq MDA sequence ({first}); save one from "
-            "pymmcore-widgets' MDA widget or write it as useq YAML/JSON"
-        ) from None
+            f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            "(useq would ignore them); fix the spelling or remove them"
+        )
+    return sequence
+
+
+def _why(exc: Exception) -> str:
+    """A validation error as `field.path: message`, at most three of them."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = [
+            f"{'.'.join(str(x) for x in e['loc']) or 'sequence'}: {e['msg']}"
+            for e in exc.errors()[:3]
+        ]
+        more = exc.error_count() - len(parts)
+        return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def unknown_keys(data: Any, model: Any, where: str = "") -> list[str]:
+    """Keys of `data` that no field of the parsed pydantic `model` took, as dotted paths."""
+    from pydantic import BaseModel
+
+    found: list[str] = []
+    if isinstance(model, BaseModel) and isinstance(data, dict):
+        fields = type(model).model_fields
+        names = {k: k for k in fields} | {f.alias: k for k, f in fields.items() if f.alias}
+        for key, value in data.items():
+            if key not in names:
+                found.append(f"{where}{key}")
+            else:
+                found += unknown_keys(value, getattr(model, names[key]), f"{where}{key}.")
+    elif isinstance(data, list) and isinstance(model, list | tuple) and len(data) == len(model):
+        for i, (d, m) in enumerate(zip(data, model, strict=True)):
+            found += unknown_keys(d, m, f"{where[:-1]}[{i}].")
+    return found
 
 
 def resolve_device(device: str) -> tuple[str, str | None]:
@@ -122,6 +181,14 @@ def _check_outputs(paths: Sequence[Path], overwrite: bool) -> None:
             raise FileExistsError(f"{path} exists; choose another --out or pass --overwrite")
 
 
+class AcquireError(OSError):
+    """A run that lost or could not save raw frames; `result` says what was saved."""
+
+    def __init__(self, message: str, result: AcquireResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 def acquire(
     core: CMMCorePlus,
     sequence: useq.MDASequence,
@@ -134,15 +201,34 @@ def acquire(
     queue_size: int = 4,
     overwrite: bool = False,
     progress: Progress | None = None,
+    limits: StageLimits | None = None,
+    reserve_bytes: int = RESERVE_BYTES,
 ) -> AcquireResult:
-    """Run `sequence` with raw + cTIRF storage; returns the result (and writes summary.json)."""
+    """Run `sequence` with raw + cTIRF storage; returns the result (and writes summary.json).
+
+    Raw frames come first: the run is refused when they cannot fit on the disk, cTIRF
+    results and spill files give way when space runs low, and the MDA is stopped while
+    the frames already saved are safe. Every planned position is checked against
+    `limits` before anything moves. Ctrl-C cancels the MDA and waits for its real end;
+    under `record` the queued frames are then processed (a second Ctrl-C drops them,
+    counted in the summary). Raises AcquireError, after writing the summary, when a
+    raw frame is missing from the raw store or the disk filled up.
+    """
     t_start = time.perf_counter()
     out = Path(out_dir)
     raw_path, ctirf_path = raw_output_path(out, fmt), result_output_path(out, fmt)
     _check_outputs([raw_path, raw_path.with_name("raw"), ctirf_path], overwrite)
     sequence = fit_channels(sequence, core)
     _check_model_fits(sequence, restorer)
-    warnings = [w for w in [pixel_size_warning(restorer.optics, core.getPixelSizeUm())] if w]
+    if limits is not None:
+        limits.check_sequence(sequence)
+    expected = sum(1 for _ in sequence)
+    height, width = core.getImageHeight(), core.getImageWidth()
+    budget = DiskBudget(out, width * height * max(core.getBytesPerPixel(), 1), expected,
+                        reserve_bytes=reserve_bytes)
+    n_processed = sum(1 for e in sequence if e.channel is None or e.channel.config in channels)
+    warnings = budget.check_start(n_processed * width * height * 4)
+    warnings += [w for w in [pixel_size_warning(restorer.optics, core.getPixelSizeUm())] if w]
     out.mkdir(parents=True, exist_ok=True)
     writer = make_result_writer(out, fmt, overwrite=overwrite)
     processor = LiveProcessor(
@@ -152,44 +238,73 @@ def acquire(
         queue_size=queue_size,
         result_writer=writer,
         spill_dir=out / SPILL,
+        space_check=budget.allows,
     )
-    processor.warm_up((core.getImageHeight(), core.getImageWidth()))
-    expected = sum(1 for _ in sequence)
+    budget.frames_done = lambda: processor.frames_received
+    processor.warm_up((height, width))
     report = progress or (lambda *a: None)
-    canceled, acq_s, failure = False, 0.0, None
-    with processor:
-        try:
-            acq_s, failure, canceled = _run_mda(
-                core, sequence, [str(raw_path), processor], overwrite, processor, expected, report
-            )
-            if canceled or failure is not None:
-                processor.stop(wait=False)
-            else:
-                _drain(processor, expected, report)
-        except KeyboardInterrupt:
-            canceled = True
-            processor.stop(wait=False)
+    summary_path = out / SUMMARY
+    atomic_write_json(summary_path, _running_summary(sequence, restorer, policy, fmt, raw_path))
+    processor.start()
+    try:
+        run = _run_mda(core, sequence, [str(raw_path), processor], overwrite, processor,
+                       expected, report, budget)
+        if run.failure is None and (not run.canceled or policy == "record"):
+            _drain(processor, expected, report, "finishing" if run.canceled else "processing")
+    finally:
+        processor.stop(wait=False)
     stats = processor.stats
-    report(stats, stats.acquired + stats.ignored, expected, "done")
+    report(stats, processor.frames_received, expected, "done")
+    received = processor.frames_received
+    saved = count_raw_frames(raw_path if raw_path.exists() else raw_path.with_name("raw"))
+    failure = run.failure
+    if failure is None and saved < received:
+        failure = AcquireError(
+            f"{received - saved} of {received} raw frames are missing from {raw_path.name} "
+            "(disk full or write error; see the log)"
+        )
     result = AcquireResult(
         out_dir=out,
         raw_path=raw_path if raw_path.exists() else raw_path.with_name("raw"),
         ctirf_path=ctirf_path,
-        summary_path=out / SUMMARY,
+        summary_path=summary_path,
         stats=stats,
         frames_expected=expected,
-        frames_acquired=stats.acquired + stats.ignored,
-        canceled=canceled,
-        acquisition_s=acq_s,
+        frames_acquired=received,
+        canceled=run.canceled,
+        acquisition_s=run.seconds,
         total_s=time.perf_counter() - t_start,
         warnings=warnings,
         errors=processor.reported_errors,
+        raw_frames_saved=saved,
+        ctirf_planes_saved=writer.frames_written,
+        ctirf_planes=writer.planes_total,
+        unprocessed=processor.dropped_on_stop,
+        failure=None if failure is None else _one_line(failure),
     )
-    _write_summary(result, sequence, restorer, policy, fmt, failure)
+    _write_summary(result, sequence, restorer, policy, fmt)
     _remove_empty(out / SPILL)
     if failure is not None:
-        raise failure
+        raise AcquireError(
+            f"{_one_line(failure)}; raw: {saved} of {expected} frames saved in "
+            f"{result.raw_path}, see {summary_path}",
+            result,
+        ) from None
     return result
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, OSError) and text:
+        return text[0]
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+@dataclass
+class _Run:
+    seconds: float
+    failure: BaseException | None
+    canceled: bool
 
 
 def _run_mda(
@@ -200,37 +315,71 @@ def _run_mda(
     processor: LiveProcessor,
     expected: int,
     report: Progress,
-) -> tuple[float, BaseException | None, bool]:
-    """Run the MDA on a thread; Ctrl-C cancels it and waits for a clean finish."""
+    budget: DiskBudget,
+) -> _Run:
+    """Run the MDA on a thread and return once it has really ended.
+
+    The end is an event set after `core.mda.run` returns (raw store closed, handler
+    backlog drained) and `core.mda.is_running()` turning False, never `is_alive()`,
+    which a KeyboardInterrupt inside `join` can make lie (DESIGN.md). Ctrl-C and low
+    disk space cancel the MDA, then the wait goes on.
+    """
     failure: list[BaseException] = []
+    ended = threading.Event()
 
     def target() -> None:
         try:
             core.mda.run(sequence, output=outputs, overwrite=overwrite)
-        except BaseException as exc:  # reported to the caller after the thread ends
+        except BaseException as exc:  # reported to the caller after the run ends
             failure.append(exc)
+        finally:
+            ended.set()
 
-    thread = threading.Thread(target=target, name="ctirf-acquire-mda", daemon=True)
     canceled = False
     t0 = time.perf_counter()
-    thread.start()
-    while thread.is_alive():
+    threading.Thread(target=target, name="ctirf-acquire-mda", daemon=True).start()
+    while not (ended.is_set() and not core.mda.is_running()):
         try:
-            thread.join(0.1)
-            stats = processor.stats
-            report(stats, stats.acquired + stats.ignored, expected, "acquiring")
+            ended.wait(0.1)
+            if not failure and budget.raw_in_danger():
+                failure.append(DiskFullError(budget.stop_message()))
+                core.mda.cancel()
+            report(processor.stats, processor.frames_received, expected,
+                   "stopping" if canceled else "acquiring")
         except KeyboardInterrupt:
             canceled = True
             core.mda.cancel()
-    reason = getattr(core.mda.status, "finish_reason", None)
-    canceled = canceled or str(reason) == "canceled"  # also when a GUI or script canceled
-    return time.perf_counter() - t0, (failure[0] if failure else None), canceled
+    reason = str(getattr(core.mda.status, "finish_reason", ""))
+    disk_stop = bool(failure) and isinstance(failure[0], DiskFullError)
+    canceled = canceled or (reason == "canceled" and not disk_stop)  # a GUI or script canceled
+    return _Run(time.perf_counter() - t0, failure[0] if failure else None, canceled)
 
 
-def _drain(processor: LiveProcessor, expected: int, report: Progress) -> None:
-    while processor.running and not processor.wait_until_idle(timeout=0.1):
-        stats = processor.stats
-        report(stats, stats.acquired + stats.ignored, expected, "processing")
+def _drain(processor: LiveProcessor, expected: int, report: Progress, phase: str) -> None:
+    """Let the worker store every queued frame; Ctrl-C here drops the rest (counted)."""
+    try:
+        while processor.running and not processor.wait_until_idle(timeout=0.1):
+            report(processor.stats, processor.frames_received, expected, phase)
+    except KeyboardInterrupt:
+        log.warning("%d queued frame(s) dropped; the raw store has them", processor.pending)
+
+
+def _running_summary(
+    sequence: useq.MDASequence, restorer: Restorer, policy: str, fmt: str, raw_path: Path
+) -> dict[str, Any]:
+    """What summary.json says while the run goes on (and after a crash)."""
+    return {
+        "ctirf_live": __version__,
+        "status": "running",
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "policy": policy,
+        "format": fmt,
+        "raw": str(raw_path),
+        "recover": "if this run was killed, run `ctirf repair` on its folder (OME-TIFF); "
+        "OME-Zarr keeps every frame written",
+        "model": restorer.describe(),
+        "mda_sequence": json.loads(sequence.model_dump_json(exclude_unset=True)),
+    }
 
 
 def _write_summary(
@@ -239,10 +388,11 @@ def _write_summary(
     restorer: Restorer,
     policy: str,
     fmt: str,
-    failure: BaseException | None,
 ) -> None:
+    status = "failed" if result.failure else "canceled" if result.canceled else "completed"
     summary = {
         "ctirf_live": __version__,
+        "status": status,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "policy": policy,
         "format": fmt,
@@ -250,8 +400,12 @@ def _write_summary(
         "ctirf": str(result.ctirf_path),
         "frames_expected": result.frames_expected,
         "frames_acquired": result.frames_acquired,
+        "raw_frames_saved": result.raw_frames_saved,
+        "ctirf_planes_saved": result.ctirf_planes_saved,
+        "ctirf_planes": result.ctirf_planes,
+        "unprocessed_at_stop": result.unprocessed,
         "canceled": result.canceled,
-        "failed": None if failure is None else f"{type(failure).__name__}: {failure}",
+        "failed": result.failure,
         "acquisition_s": round(result.acquisition_s, 3),
         "total_s": round(result.total_s, 3),
         "stats": result.stats.to_dict(),

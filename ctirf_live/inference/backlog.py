@@ -5,9 +5,12 @@ model would make memory grow without limit. `Backlog` bounds what waits in memor
 
 - `preview`: newest wins. A new item replaces the items still waiting; the replaced
   frames are counted as skipped (the raw store has them all).
-- `record`: nothing is dropped. Once `queue_size` items wait in memory, further items
-  are written to `spill_dir` as `.npy` files (atomically: temp file + rename) and read
-  back, in order, when the worker reaches them.
+- `record`: nothing is dropped while there is disk space. Once `queue_size` items wait
+  in memory, further items are written to `spill_dir` as `.npy` files (atomically: temp
+  file + rename) and read back, in order, when the worker reaches them. When
+  `space_check(nbytes)` refuses (the raw frames need the room) or the write fails, the
+  item is dropped and returned like a displaced one: memory stays bounded and the raw
+  store, which has every frame, keeps priority.
 
 Control markers (sequence start/finish) travel in the same FIFO, so the worker opens
 and closes result stores in step with the frames; markers are never dropped.
@@ -21,7 +24,7 @@ import shutil
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,7 +70,11 @@ class Backlog:
     """Thread-safe FIFO of work items and markers with the preview/record policy."""
 
     def __init__(
-        self, policy: Policy = "preview", queue_size: int = 4, spill_dir: Path | None = None
+        self,
+        policy: Policy = "preview",
+        queue_size: int = 4,
+        spill_dir: Path | None = None,
+        space_check: Callable[[int], bool] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -75,6 +82,7 @@ class Backlog:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         self.policy, self.queue_size = policy, queue_size
         self._spill_root = Path(spill_dir) if spill_dir is not None else None
+        self.space_check = space_check
         self._own_spill_dir = False
         self._items: deque[WorkItem | Marker] = deque()
         self._cond = threading.Condition()
@@ -87,7 +95,7 @@ class Backlog:
     # -- producer side ----------------------------------------------------------------
 
     def put(self, item: WorkItem) -> list[WorkItem]:
-        """Queue a work item; returns the items it displaced (preview policy only)."""
+        """Queue a work item; returns the items dropped (displaced, or `item` if it cannot wait)."""
         dropped: list[WorkItem] = []
         spill = False
         with self._cond:
@@ -100,10 +108,18 @@ class Backlog:
             elif self._in_memory >= self.queue_size:
                 spill = True
         if spill:
+            nbytes = int(np.asarray(item.data).nbytes)
+            if self.space_check is not None and not self.space_check(nbytes):
+                self.spill_error = (
+                    "disk space is kept for raw frames: frames the model cannot keep up "
+                    "with are not processed (the raw store has them)"
+                )
+                return [item]
             try:
                 self._spill(item)
-            except OSError as exc:  # disk full or gone: the frame waits in memory instead
-                self.spill_error = f"could not spill a frame to disk ({exc}); kept in memory"
+            except OSError as exc:  # disk full or gone: drop it rather than grow memory
+                self.spill_error = f"could not spill a frame to disk ({exc}); frame not processed"
+                return [item]
         with self._cond:
             if item.data is not None:
                 self._in_memory += 1

@@ -37,7 +37,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ STATS_INTERVAL_S = 0.1
 WORKER_NICENESS = 10
 LATENCY_WINDOW = 2000
 FPS_WINDOW = 64
+STOP_GRACE_S = 5.0
 START, FINISH, STOP = "start", "finish", "stop"
 
 
@@ -108,6 +109,7 @@ class LiveProcessor:
         result_writer: ResultWriter | None = None,
         spill_dir: Path | None = None,
         warmup: bool = True,
+        space_check: Callable[[int], bool] | None = None,
     ) -> None:
         self.restorer = restorer
         self.channels = tuple(channels)
@@ -117,7 +119,8 @@ class LiveProcessor:
             raise ValueError("a 3D network (ET3dNet) needs stack_mode=True")
         self.result_writer = result_writer
         self.warmup = warmup
-        self._backlog = Backlog(policy, queue_size, spill_dir)
+        self.space_check = space_check
+        self._backlog = Backlog(policy, queue_size, spill_dir, space_check)
         self._runner: Any = make_runner(restorer)
         self._assembler = StackAssembler()
         self._lock = threading.Lock()
@@ -125,6 +128,7 @@ class LiveProcessor:
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._done_times: deque[tuple[float, int]] = deque(maxlen=FPS_WINDOW)
         self._outstanding = 0
+        self.dropped_on_stop = 0
         self._reported: set[str] = set()
         self._latest: tuple[Any, Any, Any] | None = None
         self._expected_shape: tuple[int, int] | None = None
@@ -194,20 +198,51 @@ class LiveProcessor:
             self._worker = threading.Thread(target=self._run, name="ctirf-live", daemon=True)
             self._worker.start()
 
-    def stop(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop the worker; `wait` first processes everything queued (record: all frames)."""
+    def stop(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop the worker; True once it has ended and closed the result store.
+
+        `wait` first processes everything queued (record: all frames). With a `timeout`,
+        what is still queued when it runs out is dropped (counted in `skipped` and
+        `dropped_on_stop`) and the worker gets `STOP_GRACE_S` more to close the store;
+        False means it is still inside a model call then (it ends by itself after it).
+        """
         self.detach_live()
         if not wait:
-            dropped = self._backlog.clear()
-            self._count("skipped", sum(d.n_frames for d in dropped))
-            self._settle(len(dropped))
+            self._drop_queued()
         worker = self._worker
         if worker is not None and worker.is_alive():
             self._enqueue_marker(STOP)
             worker.join(timeout)
+            if worker.is_alive() and timeout is not None:
+                self._drop_queued()
+                worker.join(STOP_GRACE_S)
+            if worker.is_alive():
+                self._emit_stats(force=True)
+                return False
         self._worker = None
         self._backlog.cleanup()
         self._emit_stats(force=True)
+        return True
+
+    def _drop_queued(self) -> None:
+        dropped = self._backlog.clear()
+        n = sum(d.n_frames for d in dropped)
+        self._count("skipped", n)
+        with self._lock:
+            self.dropped_on_stop += n
+        self._settle(len(dropped))
+
+    @property
+    def frames_received(self) -> int:
+        """Frames the MDA delivered to this handler (processed channels or not)."""
+        with self._lock:
+            return self._counts["acquired"] + self._counts["ignored"]
+
+    @property
+    def pending(self) -> int:
+        """Frames and markers still waiting for the worker (0 once everything is stored)."""
+        with self._lock:
+            return self._outstanding
 
     def wait_until_idle(self, timeout: float | None = None) -> bool:
         """Block until every queued frame is processed and stores are closed; False on timeout."""
@@ -463,6 +498,9 @@ class LiveProcessor:
     def _store(self, item: WorkItem, result: np.ndarray) -> bool:
         if not self._writer_open or self.result_writer is None:
             return True
+        if self.space_check is not None and not self.space_check(int(result.size) * 4):
+            self._error("disk space is kept for raw frames: cTIRF results are not saved", 0)
+            return False
         try:
             self.result_writer.write(item.index, result)
             return True
