@@ -105,6 +105,8 @@ def main() -> None:
     )
     parser.add_argument("--warmup-epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+    parser.add_argument("--log-every", type=int, default=4, help="steps between step logs")
     parser.add_argument(
         "--variance-scaling", choices=("weight", "target", "none"), default="weight"
     )
@@ -119,6 +121,8 @@ def main() -> None:
     args = parser.parse_args()
 
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     test_src = PairSource.synthetic(args.test_pairs, "60X", seed=3, roi=512)
     if args.score_only:
         previous = json.loads((args.out / "benchmark.json").read_text())
@@ -157,6 +161,7 @@ def main() -> None:
             settings,
             args.out,
             samples_per_epoch=args.samples_per_epoch,
+            log_every=args.log_every,
         )
         train_s = time.perf_counter() - t1
     model, _ = load_model(result.best_path)

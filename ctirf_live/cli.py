@@ -77,7 +77,7 @@ def _main(
 @user_errors
 def snap(
     config: ConfigOpt,
-    output: Annotated[Path, typer.Option("--output", "-o", help="OME-TIFF to write")],
+    output: Annotated[Path, typer.Option("--out", "--output", "-o", help="OME-TIFF to write")],
     mode: Annotated[str, typer.Option(help="Illumination preset: EPI or TIRF")] = "EPI",
     objective: Annotated[str | None, typer.Option(help="Objective preset, e.g. 60X")] = None,
     z: Annotated[float | None, typer.Option("--z", help="Focus position (um)")] = None,
@@ -176,9 +176,12 @@ def calibrate(
 def process(
     source: Annotated[Path, typer.Argument(help="EPI OME-TIFF (frame, time series or stack)")],
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="cTIRF OME-TIFF to write")],
+    output: Annotated[
+        Path, typer.Option("--out", "--output", "-o", help="cTIRF OME-TIFF to write")
+    ],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
     tile: Annotated[int, typer.Option(help="tile size (px, multiple of 32)")] = 512,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file")] = False,
 ) -> None:
     """Restore an EPI file to cTIRF offline; metadata kept, model recorded."""
     from rich.progress import Progress
@@ -190,7 +193,11 @@ def process(
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("cTIRF", total=None)
         path, warnings = process_file(
-            source, output, restorer, lambda i, n: bar.update(task, completed=i, total=n)
+            source,
+            output,
+            restorer,
+            lambda i, n: bar.update(task, completed=i, total=n),
+            overwrite=overwrite,
         )
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -342,6 +349,93 @@ def train_command(
 
 @app.command()
 @user_errors
+def distill(
+    teacher: Annotated[
+        str, typer.Option(help="ET2dNet teacher: checkpoint, model folder or shipped name")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help=RUN_DIR_HELP)],
+    stacks: Annotated[
+        Path | None,
+        typer.Option(help="Folder (or file) of EPI z-stack OME-TIFFs, e.g. from ctirf acquire"),
+    ] = None,
+    synthetic: Annotated[
+        int | None, typer.Option(min=2, help="Distil on N simulated stacks instead")
+    ] = None,
+    planes: Annotated[int, typer.Option(min=2, help="Planes per stack (the paper's 6)")] = 6,
+    z_step: Annotated[
+        float, typer.Option("--z-step", min=0.01, help="--synthetic: plane spacing (um)")
+    ] = 0.2,
+    size: Annotated[int, typer.Option(min=32, help="--synthetic: frame side (px)")] = 384,
+    objective: Annotated[str, typer.Option(help="--synthetic: simulated objective")] = "60X",
+    families: Annotated[
+        str, typer.Option(help="--synthetic: specimen families, comma-separated")
+    ] = "factin,membrane,tissue",
+    variant: Annotated[str, typer.Option(help=VARIANT_HELP)] = "S0",
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 200)")] = None,
+    crop: Annotated[int | None, typer.Option(min=32, help=CROP_HELP)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 2)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data, split and initialisation")] = 0,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+) -> None:
+    """Train ET3dNet on EPI z-stacks from a frozen ET2dNet teacher (paper Section 2.3)."""
+    from ctirf_live.data.stacks import stacks_from_files, synthetic_stacks
+    from ctirf_live.models.evit_unet import VARIANTS
+    from ctirf_live.training.distill import distill as run_distill
+    from ctirf_live.training.distill import distill_settings
+    from ctirf_live.training.trainer import seed_everything
+
+    if (stacks is None) == (synthetic is None):
+        raise ValueError("give exactly one of --stacks DIR or --synthetic N")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    seed_everything(seed)
+    if stacks is not None:
+        files = sorted(stacks.glob("*.tif*")) if stacks.is_dir() else [stacks]
+        if not files:
+            raise ValueError(f"{stacks} holds no OME-TIFF stacks; record some with ctirf acquire")
+        data = stacks_from_files(files, planes)
+    else:
+        names = [f.strip() for f in families.split(",") if f.strip()]
+        bar, update = _progress(f"simulating {synthetic} stacks of {planes} planes")
+        with bar:
+            data = synthetic_stacks(
+                synthetic or 0, objective, seed, size, planes, z_step, families=names
+            )
+            update(1, 1)
+    base = distill_settings(seed=seed)
+    if batch_size is None:
+        batch_size = base.batch_size
+    settings = _training_settings(base, epochs, crop, batch_size, seed, _stack_side(data))
+    n_val = max(1, round(settings.val_fraction * len(data))) if len(data) > 1 else 0
+    train_idx, val_idx = list(range(len(data) - n_val)), list(range(len(data) - n_val, len(data)))
+    console.print(
+        f"distilling ET3dNet-{variant} from {teacher} on {data.description}: "
+        f"{len(train_idx)} train / {len(val_idx)} validation stacks of {data.planes} planes, "
+        f"{settings.crop} px crops, {settings.epochs} epochs",
+        highlight=False,
+        soft_wrap=True,
+    )
+    result = run_distill(
+        teacher,
+        data.subset(train_idx),
+        data.subset(val_idx) if val_idx else None,
+        settings,
+        out,
+        variant=variant,
+        device=device,
+        resume=resume,
+    )
+    _report_training(result)
+
+
+def _stack_side(data: Any) -> int:
+    """Smallest Y/X side of a stack set."""
+    return min(min(s.epi.shape[-2:]) for s in data.stacks)
+
+
+@app.command()
+@user_errors
 def finetune(
     data: Annotated[Path, typer.Option(help="Paired dataset folder (ctirf calibrate)")],
     from_: Annotated[
@@ -449,6 +543,7 @@ def acquire(
     from rich.table import Table
 
     from ctirf_live.acquisition.core import open_core
+    from ctirf_live.acquisition.limits import stage_limits
     from ctirf_live.inference.acquire import acquire as run_acquire
     from ctirf_live.inference.acquire import load_sequence, resolve_device
     from ctirf_live.inference.backlog import POLICIES
@@ -501,6 +596,7 @@ def acquire(
             queue_size=queue_size,
             overwrite=overwrite,
             progress=show,
+            limits=stage_limits(core, config),
         )
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -508,7 +604,11 @@ def acquire(
         err_console.print(f"[red]processing error:[/] {e}", highlight=False)
     s = result.stats
     table = Table(title="live cTIRF", show_header=False)
-    table.add_row("frames", f"{result.frames_acquired} / {result.frames_expected} acquired")
+    table.add_row(
+        "frames",
+        f"{result.frames_acquired} / {result.frames_expected} acquired, "
+        f"{result.raw_frames_saved} raw saved",
+    )
     table.add_row(
         "processed",
         f"{s.processed} (skipped {s.skipped}, errors {s.errors}, "
@@ -518,12 +618,38 @@ def acquire(
     table.add_row("throughput", f"{s.processed_fps:.1f} frames/s on {restorer.device}")
     table.add_row("acquisition", f"{result.acquisition_s:.1f} s (total {result.total_s:.1f} s)")
     table.add_row("raw", str(result.raw_path))
-    table.add_row("cTIRF", str(result.ctirf_path))
+    table.add_row(
+        "cTIRF",
+        f"{result.ctirf_path} ({result.ctirf_planes_saved} of "
+        f"{result.ctirf_planes} planes processed)",
+    )
     table.add_row("summary", str(result.summary_path))
     console.print(table)
+    if result.unprocessed:
+        err_console.print(
+            f"[yellow]warning:[/] {result.unprocessed} queued frame(s) were not "
+            "processed (the raw store has them; `ctirf process` can do them)"
+        )
     if result.canceled:
         err_console.print("[yellow]canceled[/]: frames acquired so far are saved")
         raise typer.Exit(130)
+
+
+@app.command()
+@user_errors
+def repair(
+    path: Annotated[Path, typer.Argument(help="Raw OME-TIFF, folder of them, or a run folder")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Repaired file (default: *.repaired.ome.tiff)"),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing repaired file")] = False,
+) -> None:
+    """Rebuild a readable raw OME-TIFF after a crash (the original is left untouched)."""
+    from ctirf_live.inference.rawstore import repair_path
+
+    for line in repair_path(path, out, overwrite=overwrite):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _qt_display_problem() -> str | None:

@@ -66,17 +66,22 @@ class FramePair:
 
 
 class PairSource:
-    """Registered EPI/TIRF frames held in memory, with their optics and provenance."""
+    """Registered EPI/TIRF frames held in memory, with their optics and provenance.
+
+    Pairs are 2D frames; for ET3dNet distillation they are (Z, Y, X) stacks with the
+    teacher's pseudo ground truth in place of TIRF (all pairs of a source alike).
+    """
 
     def __init__(self, pairs: Sequence[FramePair], optics: Optics, description: str) -> None:
         self.pairs = list(pairs)
         self.optics = optics
         self.description = description
+        ndims = {p.epi.ndim for p in self.pairs}
         for i, p in enumerate(self.pairs):
-            if p.epi.ndim != 2 or p.epi.shape != p.tirf.shape:
+            if p.epi.ndim not in (2, 3) or p.epi.shape != p.tirf.shape or len(ndims) > 1:
                 raise DatasetError(
                     f"pair {i} ({p.field}): EPI {p.epi.shape} and TIRF {p.tirf.shape} "
-                    "must be equal 2D frames"
+                    "must be equal 2D frames (or equal 3D stacks, all alike)"
                 )
             if not (np.isfinite(p.epi).all() and np.isfinite(p.tirf).all()):
                 raise DatasetError(f"pair {i} ({p.field}) contains NaN or infinite pixels")
@@ -108,8 +113,8 @@ class PairSource:
         if not self.pairs:
             raise DatasetError(f"{self.description} has no pairs")
         return (
-            min(p.epi.shape[0] for p in self.pairs),
-            min(p.epi.shape[1] for p in self.pairs),
+            min(p.epi.shape[-2] for p in self.pairs),
+            min(p.epi.shape[-1] for p in self.pairs),
         )
 
     @property
@@ -245,6 +250,7 @@ class CropDataset(Dataset):
         samples_per_epoch: int | None = None,
         augment: bool = True,
         variance_scaling: str = "weight",
+        target_scale: str = "own",
     ) -> None:
         if len(source) == 0:
             raise DatasetError(f"{source.description}: no pairs to crop from")
@@ -253,7 +259,10 @@ class CropDataset(Dataset):
                 f"variance_scaling must be one of {', '.join(VARIANCE_SCALING)}, "
                 f"got {variance_scaling!r}"
             )
+        if target_scale not in ("own", "input"):
+            raise ValueError(f"target_scale must be 'own' or 'input', got {target_scale!r}")
         self.variance_scaling = variance_scaling
+        self.target_scale = target_scale
         if not 0.0 <= rotation_probability <= 1.0:
             raise ValueError(f"rotation_probability must be in [0, 1], got {rotation_probability}")
         check_crop(source, crop)
@@ -264,10 +273,13 @@ class CropDataset(Dataset):
         self.augment = augment
         self.samples_per_epoch = int(samples_per_epoch or len(source)) if augment else len(source)
         self.epoch = 0
-        self.scales = [
-            (percentile_scale(p.epi, percentile), percentile_scale(p.tirf, percentile))
-            for p in source.pairs
-        ]
+        self.scales = []
+        for p in source.pairs:
+            epi_scale = percentile_scale(p.epi, percentile)
+            tirf_scale = (
+                epi_scale if target_scale == "input" else percentile_scale(p.tirf, percentile)
+            )
+            self.scales.append((epi_scale, tirf_scale))
         variances = [float(self._normalised(i, "tirf").var()) for i in range(len(source))]
         self.reference_variance = float(np.mean(variances))
 
@@ -290,7 +302,7 @@ class CropDataset(Dataset):
     def plan(self, index: int) -> tuple[int, int, int, tuple[int, bool] | None]:
         """(frame, y0, x0, symmetry or None) of item `index` in the current epoch."""
         frame = index % len(self.source)
-        ny, nx = self.source.pairs[frame].epi.shape
+        ny, nx = self.source.pairs[frame].epi.shape[-2:]
         if not self.augment:
             return frame, (ny - self.crop) // 2, (nx - self.crop) // 2, None
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -305,7 +317,7 @@ class CropDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         frame, y0, x0, symmetry = self.plan(index)
-        window = (slice(y0, y0 + self.crop), slice(x0, x0 + self.crop))
+        window = (Ellipsis, slice(y0, y0 + self.crop), slice(x0, x0 + self.crop))
         epi = transform(self._normalised(frame, "epi", window), symmetry)
         tirf = transform(self._normalised(frame, "tirf", window), symmetry)
         weight = float(tirf.var()) / self.reference_variance if self.reference_variance else 1.0
@@ -332,13 +344,14 @@ def check_crop(source: PairSource, crop: int) -> None:
 
 
 def transform(image: np.ndarray, symmetry: tuple[int, bool] | None) -> np.ndarray:
-    """Apply a square symmetry (quarter turns, then optional left-right mirror); contiguous."""
+    """Apply a square symmetry (quarter turns, then optional left-right mirror) to the last
+    two axes (a frame or every plane of a stack alike); contiguous."""
     if symmetry is None:
         return np.ascontiguousarray(image)
     k, flip = symmetry
-    out = np.rot90(image, k)
+    out = np.rot90(image, k, axes=(-2, -1))
     if flip:
-        out = out[:, ::-1]
+        out = out[..., ::-1]
     return np.ascontiguousarray(out)
 
 

@@ -143,8 +143,56 @@ class Restorer:
 
     def _restore_one(self, item: np.ndarray, output: str) -> np.ndarray:
         norm, scale = normalize(item, self.percentile)
-        out = self._run_tiled(norm, output)
+        if self.dims == 3:
+            out = self._run_windows(norm, output)
+        else:
+            out = self._run_tiled(norm, output)
         return out * np.float32(scale)
+
+    @property
+    def z_step_um(self) -> float:
+        """Plane spacing a 3D model was trained on (its optics' z step otherwise)."""
+        stack = self.metadata.get("stack") or {}
+        return float(stack.get("z_step_um") or self.optics.z_step_um)
+
+    def check_stack(self, planes: int, z_step_um: float | None = None) -> None:
+        """Refuse a stack a 3D model cannot restore, naming the stack's and the model's
+        plane count or z step (stacks longer than the model's run in sliding windows)."""
+        if self.dims != 3:
+            return
+        need = self._planes()
+        if planes < need:
+            raise ValueError(
+                f"the stack has {planes} planes but {self.model.name} was trained on {need}: "
+                f"record stacks of at least {need} planes or use an ET2dNet model"
+            )
+        if z_step_um is not None and abs(z_step_um - self.z_step_um) > 0.1 * self.z_step_um:
+            raise ValueError(
+                f"the stack's z step is {z_step_um * 1000:.0f} nm but {self.model.name} was "
+                f"trained on {self.z_step_um * 1000:.0f} nm: record with that step or distil "
+                "a model for this one (ctirf distill)"
+            )
+
+    def _run_windows(self, norm: np.ndarray, output: str) -> np.ndarray:
+        """A 3D model on its trained plane count: longer stacks in windows that overlap
+        by half, blended with triangular weights along Z (one normalisation for all)."""
+        need = self._planes()
+        nz = norm.shape[0]
+        self.check_stack(nz)
+        if nz == need:
+            return self._run_tiled(norm, output)
+        starts = list(range(0, nz - need + 1, max(1, need // 2)))
+        if starts[-1] != nz - need:
+            starts.append(nz - need)
+        weight = 1.0 - np.abs(np.arange(need) - (need - 1) / 2) / (need / 2)
+        acc = np.zeros(norm.shape, np.float32)
+        total = np.zeros(nz, np.float32)
+        for z0 in starts:
+            acc[z0 : z0 + need] += self._run_tiled(norm[z0 : z0 + need], output) * weight[
+                :, None, None
+            ].astype(np.float32)
+            total[z0 : z0 + need] += weight
+        return acc / total[:, None, None]
 
     def _run_tiled(self, norm: np.ndarray, output: str) -> np.ndarray:
         tile = self.tile

@@ -37,6 +37,7 @@ from ctirf_live.optics.psf import default_psf_size, psf_2d, psf_3d
 ARCHITECTURES = ("ET2dNet", "ET3dNet")
 PSF_KEY = "psf"
 DEFAULT_3D_PSF_PLANES = 11
+DEFAULT_STACK_PLANES = 6  # the paper's ET3dNet input: 6 planes, 200 nm apart
 
 
 @dataclass
@@ -145,8 +146,13 @@ def save_model(
     percentile: float = 98.0,
     provenance: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    stack: dict[str, Any] | None = None,
 ) -> Path:
-    """Write an ETNet checkpoint (safetensors + JSON metadata)."""
+    """Write an ETNet checkpoint (safetensors + JSON metadata).
+
+    A 3D network records the stacks it expects (`stack`: planes, z_step_um; by default
+    the PSF's plane count and the optics' z step) so a mismatched stack is refused.
+    """
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     if model.psf_model == "measured":
         state[PSF_KEY] = model.forward_model.psf
@@ -159,6 +165,10 @@ def save_model(
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
+    if model.dims == 3:
+        facts = {"planes": DEFAULT_STACK_PLANES, "z_step_um": model.optics.z_step_um}
+        metadata["stack"] = {**facts, **(stack or {})}
+        metadata["planes"] = metadata["stack"]["planes"]
     return save_checkpoint(path, state, metadata)
 
 

@@ -313,3 +313,24 @@ def _surface_reference_sum(optics: Optics, size: int, sub: int) -> float:
     if not total > 0:
         raise ValueError("the in-focus PSF is empty; check the optics (NA, wavelength, pixel)")
     return total
+
+
+@functools.lru_cache(maxsize=16)
+def focal_shift_factor(optics: Optics, depth_um: float = 2.0) -> float:
+    """Actual focal depth per micrometre of nominal (stage) focus, imaging into the sample.
+
+    Found where the Gibson-Lanni PSF of an emitter `depth_um` deep peaks (an oil objective
+    into water: about 0.8, the stage moves further than the focus does); 1 when the
+    sample matches the immersion.
+    """
+    if math.isclose(optics.sample_index, optics.immersion_index):
+        return 1.0
+    size = 33
+    lo, hi = 0.5 * depth_um, 2.0 * depth_um
+    for _ in range(3):
+        stage = np.linspace(lo, hi, 13)
+        peaks = depth_psf(optics, size, depth_um, list(stage)).max(axis=(1, 2))
+        k = int(np.argmax(peaks))
+        step = stage[1] - stage[0]
+        lo, hi = stage[k] - step, stage[k] + step
+    return float(depth_um / stage[k])

@@ -38,7 +38,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from ctirf_live.config import Optics
-from ctirf_live.optics.psf import born_wolf_psf, depth_psf
+from ctirf_live.optics.psf import born_wolf_psf, depth_psf, focal_shift_factor
 from ctirf_live.optics.tirf import (
     angle_for_depth_deg,
     check_angle_within_na,
@@ -652,9 +652,7 @@ class SimulatedMicroscope:
             column = (1 - rig.scatter_fraction) * d + rig.scatter_fraction * rig.scatter_length_um
         return MEDIUM_PER_UM3 * column * self.optics.pixel_size_um**2
 
-    def _finish(
-        self, f: _Field, block: np.ndarray, mode: str, medium: bool = True
-    ) -> np.ndarray:
+    def _finish(self, f: _Field, block: np.ndarray, mode: str, medium: bool = True) -> np.ndarray:
         """Band block -> expected photo-electrons of the binned ROI (plus the medium's glow)."""
         x, y, w, h = self._roi
         img = f.band.image(block)
@@ -727,16 +725,20 @@ class SimulatedMicroscope:
         )
 
     def in_focus_section(self) -> np.ndarray:
-        """The specimen's `SECTION_THICKNESS_UM` section at `z_um`, in-focus PSF, EPI scale.
+        """The specimen's `SECTION_THICKNESS_UM` section in focus, in-focus PSF, EPI scale.
 
-        Plane amounts are interpolated between the planes around `z_um` and rescaled to
+        The section lies where the objective actually focuses: the stage height `z_um`
+        times the focal-shift factor of the sample (about 0.8 into water), which is what
+        a sectioning method should recover from a frame taken there. Plane amounts are
+        interpolated between the planes around that height and rescaled to
         the section thickness; no drift; zeros outside the planes' span.
         """
         with self.lock:
             f = self._field()
             ax = f.axial
             acc = np.zeros(f.spectra.shape[1:], np.complex64)
-            coeff = np.array([ax.hat(k, self.z_um) for k in range(ax.z.size)], float)
+            depth = max(self.z_um, 0.0) * focal_shift_factor(f.optics)
+            coeff = np.array([ax.hat(k, depth) for k in range(ax.z.size)], float)
             coeff *= SECTION_THICKNESS_UM / ax.thickness
             (otf,) = _OTFS.get(f.optics, f.band, [0.0], 0.0, model="born_wolf")
             for k in np.flatnonzero(coeff > 0):

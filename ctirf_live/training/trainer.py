@@ -344,9 +344,15 @@ class _Run:
         samples_per_epoch: int | None,
         kind: str,
         init_from: str | None,
+        supervise: str = "ctirf",
+        stack: dict[str, Any] | None = None,
     ) -> None:
         if len(train_source) == 0:
             raise TrainError(f"{train_source.description}: no training pairs")
+        # "ctirf": g * psf against measured TIRF (train, finetune); "g": the pseudo-GT map
+        # itself against a teacher's g on the input's scale (distill)
+        self.supervise = supervise
+        self.stack = stack
         self.settings = settings
         self.out = out
         self.baseline = baseline
@@ -363,6 +369,7 @@ class _Run:
             settings.seed,
             spe,
             variance_scaling=settings.variance_scaling,
+            target_scale="input" if supervise == "g" else "own",
         )
         self.val_data = (
             CropDataset(
@@ -371,6 +378,7 @@ class _Run:
                 percentile=settings.percentile,
                 augment=False,
                 variance_scaling=settings.variance_scaling,
+                target_scale="input" if supervise == "g" else "own",
             )
             if self.val_source is not None
             else None
@@ -432,6 +440,7 @@ class _Run:
             # can hold them out
             "train_files": self.train_source.files,
             "val_files": self.val_source.files if self.val_source else [],
+            **({"stack": self.stack} if self.stack else {}),
         }
 
     def _save_resume_state(self) -> None:
@@ -642,8 +651,9 @@ class _Run:
         weight = batch["weight"].to(self.device, non_blocking=True)
         with _autocast(self.device):
             out = self.model(epi)
-        loss, terms = self.loss_fn(out.ctirf, tirf, out.recon, epi, out.g, out.b, weight)
-        return loss, terms, out.ctirf, tirf
+        pred = out.g if self.supervise == "g" else out.ctirf
+        loss, terms = self.loss_fn(pred, tirf, out.recon, epi, out.g, out.b, weight)
+        return loss, terms, pred, tirf
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -684,6 +694,7 @@ class _Run:
             percentile=self.settings.percentile,
             provenance=self._provenance(),
             metrics=metrics,
+            stack=self.stack,
         )
 
     def _report_interrupt(self) -> None:

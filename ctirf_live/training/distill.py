@@ -1,0 +1,120 @@
+"""ET3dNet by distillation from a frozen ET2dNet (paper Section 2.3, Eq. 9-10).
+
+The teacher restores each plane of an EPI stack; its pseudo ground truth `g` becomes the
+student's target. Both work on one normalisation scale: the whole stack divided by its
+98th percentile, as the 3D restorer normalises (a plane normalised on its own would put
+a dim out-of-focus plane on the scale of a bright one). The student, a 3D EViT-UNet
+(Z never strided), outputs g3d and b3d; the loss is
+
+    L(g3d, g_teacher) + L(g3d * psf3d + b3d, x3d) + b1 TV(g3d) + b2 TV(b3d) + b3 |g3d|_1
+
+with MS-SSIM per plane, batch 2 and otherwise the 2D recipe. Training, resume,
+progress and best-by-validation are the 2D trainer's (`ctirf_live.training.trainer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctirf_live.config import TrainSettings
+from ctirf_live.data.loaders import FramePair, PairSource
+from ctirf_live.data.normalize import percentile_scale
+from ctirf_live.data.stacks import StackSet
+from ctirf_live.models.etnet import ET3dNet, ETNet, load_model
+from ctirf_live.training.trainer import TrainError, TrainResult, _Run, resolve_model_path
+
+DISTILL_BATCH = 2
+
+
+def distill_settings(**changes: Any) -> TrainSettings:
+    """The 2D recipe with the paper's 3D batch of 2."""
+    return TrainSettings(**{"batch_size": DISTILL_BATCH, **changes})
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: ETNet, stack: np.ndarray, percentile: float = 98.0, device: str = "cpu"
+) -> np.ndarray:
+    """The teacher's `g` for every plane, on the stack's scale: (Z, Y, X) float32 in the
+    stack's raw units (divide by the stack's percentile scale for the normalised map)."""
+    if teacher.dims != 2:
+        raise TrainError("the teacher must be an ET2dNet (2D) checkpoint")
+    arr = np.asarray(stack, np.float32)
+    scale = percentile_scale(arr, percentile)
+    norm = np.clip(arr / np.float32(scale), 0.0, 1.0)
+    teacher = teacher.to(device).eval()
+    out = np.empty_like(norm)
+    for k, plane in enumerate(norm):
+        g = teacher(torch.from_numpy(plane)[None, None].to(device)).g
+        out[k] = g[0, 0].float().cpu().numpy()
+    return out * np.float32(scale)
+
+
+def distillation_source(
+    teacher: ETNet, stacks: StackSet, percentile: float = 98.0, device: str = "cpu"
+) -> PairSource:
+    """Stacks paired with their teacher targets, as the trainer's (stack) pairs."""
+    pairs = [
+        FramePair(s.epi, teacher_targets(teacher, s.epi, percentile, device), s.field, s.truth)
+        for s in stacks.stacks
+    ]
+    return PairSource(pairs, stacks.optics, stacks.description)
+
+
+def distill(
+    teacher: str | Path | ETNet,
+    train_stacks: StackSet,
+    val_stacks: StackSet | None,
+    settings: TrainSettings,
+    out: str | Path,
+    *,
+    variant: str = "S0",
+    device: str | torch.device = "auto",
+    resume: bool = True,
+    progress: bool = True,
+    samples_per_epoch: int | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train an ET3dNet student on `train_stacks` from a frozen ET2dNet `teacher`.
+
+    The student's PSF is the 3D Born & Wolf PSF of the stacks' optics (z step included);
+    its checkpoints record the plane count and z step they were trained on.
+    """
+    if len(train_stacks) == 0:
+        raise TrainError(f"{train_stacks.description}: no stacks to distil from")
+    teacher_name = str(teacher) if not isinstance(teacher, ETNet) else "in-memory teacher"
+    if not isinstance(teacher, ETNet):
+        teacher, _ = load_model(resolve_model_path(teacher))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    dev = "cpu" if str(device) == "auto" and not torch.cuda.is_available() else str(device)
+    dev = "cuda" if dev == "auto" else dev
+    train_source = distillation_source(teacher, train_stacks, settings.percentile, dev)
+    val_source = (
+        distillation_source(teacher, val_stacks, settings.percentile, dev)
+        if val_stacks is not None and len(val_stacks)
+        else None
+    )
+    optics = train_stacks.optics.model_copy(update={"z_step_um": train_stacks.z_step_um})
+    student = ET3dNet(optics, variant)
+    stack = {"planes": train_stacks.planes, "z_step_um": train_stacks.z_step_um}
+    run = _Run(
+        student,
+        train_source,
+        val_source,
+        settings,
+        Path(out),
+        device,
+        False,
+        samples_per_epoch,
+        kind="distill",
+        init_from=teacher_name,
+        supervise="g",
+        stack=stack,
+    )
+    return run.fit(resume, progress, 0, None, on_epoch)
