@@ -1,4 +1,9 @@
-"""Offline processing of image files: OME-TIFF in, cTIRF OME-TIFF out, metadata kept."""
+"""Offline processing of image files: OME-TIFF in, cTIRF OME-TIFF out, metadata kept.
+
+Checked before any work: the output never replaces the input, an existing output needs
+`overwrite`, and the axes are ones OME knows. Checked after every plane: the model's
+output is finite (a broken checkpoint gives NaN), so no NaN file is ever written.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,30 @@ from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 log = logging.getLogger(__name__)
 
 
+KNOWN_AXES = set("TCZYX")
+
+
 def _planes_2d(data: np.ndarray) -> np.ndarray:
     return data.reshape((-1, *data.shape[-2:]))
+
+
+def _finite(out: np.ndarray, i: int) -> np.ndarray:
+    if not np.isfinite(out).all():
+        raise ValueError(
+            f"the model returned NaN or infinite values (plane {i}); the checkpoint may be "
+            "broken: choose another --model; nothing was written"
+        )
+    return out
+
+
+def check_axes(axes: str) -> None:
+    """Raise ValueError unless `axes` are OME axes (T, C, Z, Y, X) ending in Y, X."""
+    unknown = sorted(set(axes) - KNOWN_AXES)
+    if unknown or not axes.endswith("YX"):
+        raise ValueError(
+            f"cannot tell what the axes {axes!r} of this file are (expected T, C, Z ending "
+            "in Y, X); save it as OME-TIFF from Fiji or napari with named axes"
+        )
 
 
 def process_array(
@@ -27,13 +54,12 @@ def process_array(
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Restore every YX plane (ET2dNet) or every Z stack (ET3dNet) of an array with `axes`."""
-    if not axes.endswith("YX"):
-        raise ValueError(f"images must end in Y, X axes; this file has axes {axes!r}")
+    check_axes(axes)
     if restorer.dims == 2:
         planes = _planes_2d(data)
         out = np.empty(planes.shape, np.float32)
         for i, plane in enumerate(planes):
-            out[i] = restorer.restore(plane)
+            out[i] = _finite(restorer.restore(plane), i)
             if progress:
                 progress(i + 1, len(planes))
         return out.reshape(data.shape)
@@ -44,7 +70,7 @@ def process_array(
     stacks = moved.reshape((-1, *moved.shape[-3:]))
     out = np.empty(stacks.shape, np.float32)
     for i, stack in enumerate(stacks):
-        out[i] = restorer.restore(stack)
+        out[i] = _finite(restorer.restore(stack), i)
         if progress:
             progress(i + 1, len(stacks))
     return np.moveaxis(out.reshape(moved.shape), -3, z)
@@ -55,9 +81,17 @@ def process_file(
     output: str | Path,
     restorer: Restorer,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> tuple[Path, list[str]]:
     """Process one TIFF; returns (output path, warnings). Input metadata is carried over."""
+    source, output = Path(source), Path(output)
+    if output.resolve() == source.resolve():
+        raise ValueError(f"the output would replace the input {source}; choose another --out")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     data, info = read_ome_tiff(source)
+    check_axes(info.axes)
     warnings: list[str] = []
     if msg := pixel_size_warning(restorer.optics, info.pixel_size_um):
         warnings.append(msg)

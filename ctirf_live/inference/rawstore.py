@@ -18,7 +18,9 @@ What survives a crash (SIGKILL, power cut after the page cache was written):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import xml.etree.ElementTree as ET
@@ -43,7 +45,8 @@ def tiff_files(path: Path) -> list[Path]:
         return [path]
     if path.is_dir():
         return sorted(
-            p for p in path.iterdir()
+            p
+            for p in path.iterdir()
             if p.suffix.lower() in TIFF_SUFFIXES and not p.name.endswith(REPAIRED)
         )
     return []
@@ -153,7 +156,7 @@ def repair_raw_tiff(
     import tifffile
 
     source = Path(source)
-    with tifffile.TiffFile(source) as tif:
+    with _quiet_tifffile(), tifffile.TiffFile(source) as tif:
         first = tif.pages.first
         series = tif.series[0]
         shape, axes = tuple(int(n) for n in series.shape), str(series.axes)
@@ -189,21 +192,41 @@ def repair_raw_tiff(
     meta.update(axes=axes, Name=f"repaired {source.name}")
     meta["MapAnnotation"] = {
         "Namespace": "ctirf-live",
-        "Value": {"ctirf": json.dumps({
-            "kind": "repaired-raw", "source": str(source), "frames_recovered": int(on_disk),
-            "planes_planned": planned, "planned_shape": list(shape),
-        })},
+        "Value": {
+            "ctirf": json.dumps(
+                {
+                    "kind": "repaired-raw",
+                    "source": str(source),
+                    "frames_recovered": int(on_disk),
+                    "planes_planned": planned,
+                    "planned_shape": list(shape),
+                }
+            )
+        },
     }
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
-            writer.write(frames(), shape=out_shape, dtype=dtype, photometric="minisblack",
-                         metadata=meta)
+            writer.write(
+                frames(), shape=out_shape, dtype=dtype, photometric="minisblack", metadata=meta
+            )
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return RepairResult(source, target, int(on_disk), planned, out_shape, axes)
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs that a crashed file's OME series is short: that is what we repair."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _stem(path: Path) -> str:
@@ -236,3 +259,32 @@ def _ome_fields(xml: str) -> dict[str, object]:
     if any(names):
         meta["Channel"] = {"Name": names}
     return meta
+
+
+def repair_path(
+    path: str | Path, output: str | Path | None = None, *, overwrite: bool = False
+) -> list[str]:
+    """Repair a raw OME-TIFF, a folder of them, or a run folder; one line per file.
+
+    A run folder (with summary.json) is searched for its raw store. OME-Zarr needs no
+    repair (every frame written is in it); the line says how many frames it holds.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; pass a raw OME-TIFF or a run folder")
+    if path.is_dir() and not is_zarr(path):
+        for name in ("raw.ome.tiff", "raw", "raw.ome.zarr"):
+            if (path / name).exists():
+                path = path / name
+                break
+    if is_zarr(path):
+        return [
+            f"{path}: OME-Zarr keeps every frame written ({count_raw_frames(path)} frames); "
+            "nothing to repair"
+        ]
+    files = tiff_files(path)
+    if not files:
+        raise ValueError(f"no TIFF files in {path}; pass a raw OME-TIFF or a run folder")
+    if output is not None and len(files) > 1:
+        raise ValueError(f"{path} holds {len(files)} files; drop -o to repair each beside itself")
+    return [repair_raw_tiff(f, output, overwrite=overwrite).describe() for f in files]
