@@ -399,3 +399,60 @@ def test_cli_live_opens_the_window_and_exits_0(qtbot, restorer, tmp_path) -> Non
     assert result.exit_code == 0, result.output
     assert seen == [str(model)]
     assert not [w for w in QApplication.topLevelWidgets() if isinstance(w, LiveWindow)]
+
+
+class Held:
+    """A real Restorer whose restore() waits for a gate (a model that is very slow)."""
+
+    def __init__(self, restorer: Restorer, gate) -> None:
+        self._r, self.gate = restorer, gate
+
+    def __getattr__(self, name: str):
+        return getattr(self._r, name)
+
+    def restore(self, image: np.ndarray) -> np.ndarray:
+        self.gate.wait(60)
+        return self._r.restore(image)
+
+
+def test_closing_during_a_record_run_never_hangs(qtbot, demo_core, restorer, tmp_path) -> None:
+    """The MDA is over, the model is stuck: no "saved" yet, and closing keeps its deadline."""
+    import threading
+    import time
+
+    from ctirf_live.inference.live import LiveProcessor
+
+    gate = threading.Event()
+    processor = LiveProcessor(Held(restorer, gate), policy="record",  # type: ignore[arg-type]
+                              spill_dir=tmp_path / "spill")
+    win = LiveWindow(demo_core, processor, output_dir=tmp_path)
+    qtbot.addWidget(win)
+    try:
+        win.run_mda(useq.MDASequence(time_plan={"interval": 0, "loops": 6}))
+        qtbot.waitUntil(lambda: not demo_core.mda.is_running() and not win._worker_alive(),
+                        timeout=30000)
+        win._refresh_status()
+        status = win.statusBar().currentMessage()
+        assert "queued" in status and "saved" not in status and win._mode == "mda"
+        t0 = time.monotonic()
+        win.shutdown(timeout=1.0)
+        assert time.monotonic() - t0 < 5
+        assert "cTIRF worker" in win.statusBar().currentMessage()
+        assert processor.dropped_on_stop > 0
+    finally:
+        gate.set()
+    assert processor.stop(timeout=30)  # the worker ends once the model returns
+
+
+def test_run_mda_says_what_was_saved(qtbot, demo_core, restorer, tmp_path) -> None:
+    from ctirf_live.inference.live import LiveProcessor
+
+    processor = LiveProcessor(restorer, policy="preview")
+    win = LiveWindow(demo_core, processor, output_dir=tmp_path)
+    qtbot.addWidget(win)
+    win.run_mda(useq.MDASequence(time_plan={"interval": 0, "loops": 4}))
+    qtbot.waitUntil(lambda: win._mode == "idle", timeout=30000)
+    status = win.statusBar().currentMessage()
+    assert "saved in" in status and "4 raw frames" in status
+    assert "of 4 planes" in status
+    win.shutdown()

@@ -4,8 +4,11 @@ Rendering never touches the processing path: the processor's signals (emitted on
 worker thread) and the MDA's frame signal (on the acquisition thread) only store the
 newest frame under a lock; a 30 Hz timer on the GUI thread draws whatever is newest.
 So a slow display drops frames from the screen, never from processing or from disk.
-Closing the window cancels a running MDA or live stream and waits for the processor,
-so files written during the run are closed and valid.
+Closing the window cancels a running MDA or live stream and waits for it and for the
+processor, both within one deadline (`CLOSE_TIMEOUT_S`): what is still running then is
+named in the log and the status bar, queued frames are dropped (the raw store has them)
+and the window closes; it never hangs. A run reads "saved" only once every queued frame
+is stored, and says how many raw frames and cTIRF planes were saved.
 """
 
 from __future__ import annotations
@@ -337,7 +340,7 @@ class LiveWindow(QMainWindow):
             return False
         finally:
             QApplication.restoreOverrideCursor()
-        self.processor.stop(wait=True)
+        self._stop_processor(wait=True, timeout=CLOSE_TIMEOUT_S)
         self._set_processor(new)
         self.statusBar().showMessage(f"model {Path(model).name}, policy {policy}", 5000)
         return True
@@ -411,8 +414,12 @@ class LiveWindow(QMainWindow):
 
     def _refresh_status(self) -> None:
         if self._mode == "mda" and not self.core.mda.is_running() and not self._worker_alive():
-            saved = f"; saved in {self.run_dir}" if self.run_dir else ""
-            self._finish_run(f"MDA {'cancelled' if self._cancelled else 'finished'}{saved}")
+            queued = int(getattr(self.processor, "pending", 0))
+            verb = "cancelled" if self._cancelled else "finished"
+            if queued:
+                self.statusBar().showMessage(f"MDA {verb}; processing {queued} queued item(s)...")
+            else:
+                self._finish_run(f"MDA {verb}{self._saved_text()}")
         elif self._mode == "snap" and not self._worker_alive():
             self._finish_run("")
         while self._errors:
@@ -422,6 +429,19 @@ class LiveWindow(QMainWindow):
             self.check_pixel_size()
         self.stats_label.setText(self._stats_text())
         self._update_buttons()
+
+    def _saved_text(self) -> str:
+        """'; saved in DIR: N raw frames, k of n cTIRF planes' for a run with an output folder."""
+        if self.run_dir is None:
+            return ""
+        from ctirf_live.inference.rawstore import count_raw_frames
+        from ctirf_live.inference.writers import raw_output_path
+
+        raw = count_raw_frames(raw_output_path(self.run_dir))
+        writer = getattr(self.processor, "result_writer", None)
+        planes = getattr(writer, "planes_total", 0)
+        ctirf = f", cTIRF {writer.frames_written} of {planes} planes" if planes else ""
+        return f"; saved in {self.run_dir}: {raw} raw frames{ctirf}"
 
     def _stats_text(self) -> str:
         head = f"<b>{self._mode}</b>"
@@ -538,6 +558,10 @@ class LiveWindow(QMainWindow):
         try:
             if not isinstance(sequence, useq.MDASequence):
                 sequence = load_sequence(sequence)
+            if self.rig is not None:
+                from ctirf_live.acquisition.limits import stage_limits
+
+                stage_limits(self.core, self.rig.config_path).check_sequence(sequence)
             outputs = [*self._prepare_stores(), self.processor]
             self._worker = self.core.run_mda(fit_channels(sequence, self.core), output=outputs)
         except Exception as exc:
@@ -603,12 +627,20 @@ class LiveWindow(QMainWindow):
                 self._worker.join(0.02)
             else:
                 time.sleep(0.02)
+        still: list[str] = []
         if self.core.mda.is_running() or self._worker_alive():
+            still.append("the MDA")
             log.error("acquisition did not stop within %.0f s", timeout)
         drained = self._cancelled or self._drain(deadline)
         # cancelled or too slow: drop what still waits (the raw store has every frame);
-        # either way the processor closes its stores
-        self.processor.stop(wait=drained)
+        # either way the processor closes its stores, within what is left of the deadline
+        left = max(deadline - time.monotonic(), 0.5)
+        if not self._stop_processor(wait=drained, timeout=left):
+            still.append("the cTIRF worker (inside a model call)")
+        if still:
+            message = f"closing while {' and '.join(still)} still run(s); the raw store is kept"
+            log.error("%s", message)
+            self.statusBar().showMessage(message)
         self._disconnect_processor()
         for signal, slot in (
             (self.core.mda.events.frameReady, self._on_mda_frame),
@@ -619,6 +651,14 @@ class LiveWindow(QMainWindow):
             except (TypeError, ValueError, RuntimeError):
                 pass
         self._mode = "idle"
+
+    def _stop_processor(self, wait: bool, timeout: float) -> bool:
+        """Stop the processor within `timeout`; False when its worker is still busy."""
+        try:
+            return self.processor.stop(wait=wait, timeout=timeout) is not False
+        except TypeError:  # a processor-like object without a timeout
+            self.processor.stop(wait=False)
+            return True
 
     def _drain(self, deadline: float) -> bool:
         """Let frames still queued (record policy) finish, keeping the window responsive."""

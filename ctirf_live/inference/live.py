@@ -203,7 +203,7 @@ class LiveProcessor:
 
         `wait` first processes everything queued (record: all frames). With a `timeout`,
         what is still queued when it runs out is dropped (counted in `skipped` and
-        `dropped_on_stop`) and the worker gets `STOP_GRACE_S` more to close the store;
+        `dropped_on_stop`) and the worker gets up to `STOP_GRACE_S` more to close the store;
         False means it is still inside a model call then (it ends by itself after it).
         """
         self.detach_live()
@@ -215,7 +215,7 @@ class LiveProcessor:
             worker.join(timeout)
             if worker.is_alive() and timeout is not None:
                 self._drop_queued()
-                worker.join(STOP_GRACE_S)
+                worker.join(min(STOP_GRACE_S, max(timeout, 0.1)))
             if worker.is_alive():
                 self._emit_stats(force=True)
                 return False
