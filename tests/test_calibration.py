@@ -52,19 +52,15 @@ def rig() -> Iterator:
 
 def _blank_and_cell_sites(fov_um: float) -> tuple[tuple[float, float], list[tuple[float, float]]]:
     """A stage position over an empty slide area, and positions over cell centres."""
-    from ctirf_live.sim.sample import GRID_UM, cell_at, field_has_cells
+    from ctirf_live.sim.sample import SPECIMEN_RADIUS_UM, cell_at, field_has_cells
 
-    blank, cells = None, []
+    blank, cells = (SPECIMEN_RADIUS_UM + 2000.0, 0.0), []  # bare glass beyond the cells
     for i in range(-6, 7):
         for j in range(-6, 7):
             cell = cell_at(0, i, j)
-            if cell is None and blank is None:
-                xy = (i * GRID_UM, j * GRID_UM)
-                if not field_has_cells(0, xy, fov_um + 10.0):
-                    blank = xy
-            elif cell is not None and len(cells) < 6 and (i, j) != (0, 0):
+            if cell is not None and len(cells) < 6 and (i, j) != (0, 0):
                 cells.append((round(cell.nx, 2), round(cell.ny, 2)))
-    assert blank is not None
+    assert not field_has_cells(0, blank, fov_um + 10.0)
     return blank, cells
 
 
@@ -164,7 +160,7 @@ def test_gate_rejects_blank_defocused_and_shifted_fields() -> None:
     assert isinstance(good, Quality) and good.ok and good.score > 100
     blank = assess_pair(*pair(blank_xy), psf_sigma_px=sigma)
     assert not blank.ok and blank.reason == "blank"
-    defocused = assess_pair(*pair(cells[0], z=1.5), psf_sigma_px=sigma)
+    defocused = assess_pair(*pair(cells[0], z=2.5), psf_sigma_px=sigma)
     assert not defocused.ok and defocused.reason == "out_of_focus"
     shifted = Registration((3.4, 0.5), 0.5, True)
     assert assess_pair(*pair(cells[0]), shifted, psf_sigma_px=sigma).reason == "shift"
@@ -328,7 +324,7 @@ def test_checks_before_anything_moves(rig, tmp_path: Path, monkeypatch) -> None:
     # an objective without optics, a position off the slide
     with pytest.raises(ConfigError, match="has no optics"):
         calibrate(core, info, tmp_path / "ds", objective="40X")
-    far = _positions_file(tmp_path / "far.yaml", [(0.0, 0.0), (25_000.0, 0.0)])
+    far = _positions_file(tmp_path / "far.yaml", [(0.0, 0.0), (45_000.0, 0.0)])
     with pytest.raises(ConfigError, match="outside the stage range"):
         calibrate(core, info, tmp_path / "ds", pairs=2, positions=str(far))
     assert core.getXYPosition() == pytest.approx(start)

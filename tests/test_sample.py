@@ -142,3 +142,9 @@ def test_membrane_and_tissue_families_have_structure_at_every_depth() -> None:
     assert vol[PLANES > depth + 1.5].sum() < vol[PLANES <= depth].sum()  # slab ends at its top
     with pytest.raises(ValueError, match="choose one of"):
         cell_at(4, 0, 0, "yeast")
+
+
+def test_cells_end_at_the_edge_of_the_specimen_area() -> None:
+    edge = sample.SPECIMEN_RADIUS_UM
+    assert not sample.field_has_cells(0, (edge + 1000.0, 0.0), 50.0)
+    assert sample.field_has_cells(0, (edge - 1000.0, 0.0), 50.0)

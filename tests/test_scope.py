@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage
 from skimage.registration import phase_cross_correlation
 
+from ctirf_live.optics.psf import focal_shift_factor
 from ctirf_live.sim.scope import (
     DEFAULT_RIGS,
     MAX_ADU,
@@ -271,7 +272,9 @@ def test_in_focus_section_and_specimen_follow_the_focal_plane() -> None:
     s.set_specimen_override(vol, [0.0, 2.0])
     s.z_um = 0.0
     low = s.in_focus_section()
-    s.z_um = 2.0
+    shift = focal_shift_factor(s.optics)  # oil into water: the focus moves less than the stage
+    assert 0.75 < shift < 0.9
+    s.z_um = 2.0 / shift  # the stage height that focuses 2 um into the sample
     high = s.in_focus_section()
     # sensor-centred: override row r lies at ROI row r - (300 - SIDE) // 2
     off = (300 - SIDE) // 2

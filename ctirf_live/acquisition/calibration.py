@@ -68,7 +68,7 @@ MIN_FOCUS = 0.5  # TIRF fine/coarse band variance ratio (in focus ~1.2-1.5)
 FRAME_GRACE_S = 2.0  # wait for a position's frames this long after the runner moved on
 MAX_MISSING_IN_A_ROW = 3  # positions without frames before the camera is declared broken
 BYTES_OVERHEAD = 64 * 1024  # OME-XML and TIFF tags per pair file
-SIM_SLIDE_HALF_WIDTH_UM = 10_000.0  # the simulated slide's usable area: +-10 mm
+SIM_SLIDE_HALF_WIDTH_UM = 30_000.0  # the simulated stage: +-30 mm (cells within 25 mm of the centre)
 
 Bounds = tuple[float, float, float, float]  # xmin, xmax, ymin, ymax (um)
 ProgressCallback = Callable[["CalibrationStatus"], None]

@@ -49,6 +49,9 @@ FILAMENT_STEP_UM = 0.06
 FILAMENT_SIGMA_UM = 0.05
 SINGLE_PLANE_HALF_WIDTH_UM = 0.1  # axial half-width of the hat when only one plane is asked
 TOP_UM = 15.0  # highest emitter of any family (floating cells, debris)
+# cells cover a disc of this radius around the slide centre; beyond is bare glass (a
+# place to find blank fields, as on a real slide)
+SPECIMEN_RADIUS_UM = 25000.0
 
 _SALT = 0xC6  # C6 glioma cells
 _BASAL_MEMBRANE_Z_UM = 0.01
@@ -593,6 +596,8 @@ def _floating(cell: Cell, rng: np.random.Generator) -> np.ndarray:
 def cell_at(seed: int, i: int, j: int, family: str = DEFAULT_FAMILY) -> Cell | None:
     """The cell at grid site (i, j) of slide `seed` of `family`, or None for an empty site."""
     spec = FAMILY_SPECS[check_family(family)]
+    if math.hypot(i, j) * spec.grid_um > SPECIMEN_RADIUS_UM:
+        return None
     rng = np.random.default_rng([_zig(seed), _zig(i), _zig(j), _SALT, _family_index(family)])
     empty = rng.random() < spec.empty_fraction
     if empty and (i, j) != (0, 0):
