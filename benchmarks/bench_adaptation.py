@@ -158,8 +158,7 @@ MS-SSIM {record["reference_ms_ssim"]:.3f}.
 
 | arm | start | best (mean over seeds) | epoch of best | gap to reference closed |
 |---|---|---|---|---|
-| hybrid | {s["hybrid"]["start"]:.3f} | {s["hybrid"]["best_mean"]:.3f} | {s["hybrid"]["best_epoch_mean"]:.1f} | {closed("hybrid")} |
-| baseline | {s["baseline"]["start"]:.3f} | {s["baseline"]["best_mean"]:.3f} | {s["baseline"]["best_epoch_mean"]:.1f} | {closed("baseline")} |
+{arms}
 
 MS-SSIM per epoch, mean +- s.d. over seeds (epoch 0 = before fine-tuning):
 
