@@ -282,12 +282,17 @@ def acquire(
         unprocessed=processor.dropped_on_stop,
         failure=None if failure is None else _one_line(failure),
     )
-    _write_summary(result, sequence, restorer, policy, fmt)
+    try:
+        _write_summary(result, sequence, restorer, policy, fmt)
+        see = f"see {summary_path}"
+    except OSError as exc:  # the disk may be full by now: say so, keep the real reason
+        see = f"{summary_path.name} not updated ({exc.strerror or exc})"
+        failure = failure or AcquireError(f"could not write {summary_path}")
     _remove_empty(out / SPILL)
     if failure is not None:
         raise AcquireError(
             f"{_one_line(failure)}; raw: {saved} of {expected} frames saved in "
-            f"{result.raw_path}, see {summary_path}",
+            f"{result.raw_path}; {see}",
             result,
         ) from None
     return result

@@ -167,7 +167,10 @@ def repair_raw_tiff(
         start, frame_bytes = int(first.dataoffsets[0]), int(first.databytecounts[0])
         dtype, frame_shape = first.dtype, tuple(first.shape)
     planned = math.prod(shape[:-2]) if len(shape) > 2 else 1
-    on_disk = min((source.stat().st_size - start) // frame_bytes, planned)
+    in_file = (source.stat().st_size - start) // frame_bytes
+    if planned <= pages < in_file:  # planned shape unreadable (OME-XML lost): frames in a row
+        shape, axes, planned = (int(in_file), *frame_shape), "TYX", int(in_file)
+    on_disk = min(in_file, planned)
     if pages >= planned or on_disk <= pages:
         return RepairResult(source, None, pages, planned, shape, axes)
     inner = math.prod(shape[1:-2]) if len(shape) > 3 else 1
