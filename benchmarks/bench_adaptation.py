@@ -7,7 +7,7 @@ The shipped 60X model is fine-tuned on 20 simulated pairs of the demo's second r
 as the hybrid network and once as the baseline (no self-supervised branch), for each
 seed (crops, rotations, order), and scored after every epoch on held-out pairs of that
 rig against the noise-free TIRF. An upper reference, a model adapted on 96 pairs of the
-rig for `--reference-epochs` epochs (or `--reference CKPT`), gives the gap the few-shot
+rig (`--reference-pairs`) for `--reference-epochs` epochs (or `--reference CKPT`), gives the gap the few-shot
 runs should close: closure = (best - start) / (reference - start). Curves (mean +- s.d.
 over seeds, Fig. 2d) go to benchmarks/RESULTS.md and `--out`.
 """
@@ -38,7 +38,7 @@ def reference_model(args: argparse.Namespace, val: PairSource) -> tuple[str, flo
         path = args.reference
     else:
         many = PairSource.synthetic(
-            96, args.objective, seed=args.data_seed + 50, roi=args.size, progress=False
+            args.reference_pairs, args.objective, seed=args.data_seed + 50, roi=args.size, progress=False
         )
         settings = finetune_settings(
             crop=min(TrainSettings().crop, args.size), epochs=args.reference_epochs
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=7)
     parser.add_argument("--reference", default=None, help="rig-trained checkpoint")
     parser.add_argument("--reference-epochs", type=int, default=8)
+    parser.add_argument("--reference-pairs", type=int, default=96)
     parser.add_argument("--out", type=Path, default=Path("runs/adaptation"))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
