@@ -261,7 +261,7 @@ def test_releasing_the_core_never_unloads_under_a_running_mda(tmp_path: Path) ->
 
 def test_positions_outside_the_stage_limits_are_refused(core, tiny2d, tmp_path: Path) -> None:
     limits = stage_limits(core, DEMO_CFG)
-    assert limits.z == (-2000, 2000) and limits.x == (-50000, 50000)
+    assert limits.z == (-2000, 2000) and limits.x == (-30000, 30000)
     far = useq.MDASequence(stage_positions=[{"x": 0, "y": 0}, {"x": 1e9, "y": 0}])
     with pytest.raises(ConfigError, match=r"x = 1e\+09 um is outside the stage limits"):
         acquire(core, far, tiny2d, tmp_path / "a", limits=limits)
