@@ -29,7 +29,9 @@ from ctirf_live.models.etnet import ETNet, load_model
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 32
-OUTPUTS = ("ctirf", "g", "background")
+OUTPUTS = ("ctirf", "g", "background", "recon", "ctirf+recon")
+# "recon" is the network's reconstructed EPI x^ = g * psf + b; "ctirf+recon" returns both
+# from one forward pass, stacked on a new leading axis (for the consistency monitor)
 
 
 def pixel_size_warning(model_optics: Optics, pixel_size_um: float | None) -> str | None:
@@ -184,14 +186,16 @@ class Restorer:
         starts = list(range(0, nz - need + 1, max(1, need // 2)))
         if starts[-1] != nz - need:
             starts.append(nz - need)
-        weight = 1.0 - np.abs(np.arange(need) - (need - 1) / 2) / (need / 2)
-        acc = np.zeros(norm.shape, np.float32)
+        weight = (1.0 - np.abs(np.arange(need) - (need - 1) / 2) / (need / 2)).astype(np.float32)
+        acc: np.ndarray | None = None
         total = np.zeros(nz, np.float32)
         for z0 in starts:
-            acc[z0 : z0 + need] += self._run_tiled(norm[z0 : z0 + need], output) * weight[
-                :, None, None
-            ].astype(np.float32)
+            res = self._run_tiled(norm[z0 : z0 + need], output)  # (..., Z, Y, X)
+            if acc is None:
+                acc = np.zeros((*res.shape[:-3], *norm.shape), np.float32)
+            acc[..., z0 : z0 + need, :, :] += res * weight[:, None, None]
             total[z0 : z0 + need] += weight
+        assert acc is not None
         return acc / total[:, None, None]
 
     def _run_tiled(self, norm: np.ndarray, output: str) -> np.ndarray:
@@ -217,7 +221,8 @@ class Restorer:
         tiles = plan_tiles(norm.shape[-2:], tile, min(self.overlap, tile // 2))
         if len(tiles) == 1:
             return self._forward(norm[None], output)[0]
-        blender = Blender(norm.shape, self.overlap)
+        shape = (2, *norm.shape) if output == "ctirf+recon" else norm.shape
+        blender = Blender(shape, self.overlap)
         shapes: dict[tuple[int, int], list] = {}
         for t in tiles:  # tiles of one size batch together; edge tiles may be smaller
             shapes.setdefault((t.y1 - t.y0, t.x1 - t.x0), []).append(t)
@@ -237,5 +242,7 @@ class Restorer:
                 out = self.model(x)
         else:
             out = self.model(x)
-        result = {"ctirf": out.ctirf, "g": out.g, "background": out.b}[output]
+        if output == "ctirf+recon":
+            return torch.cat([out.ctirf, out.recon], 1).float().cpu().numpy()
+        result = {"ctirf": out.ctirf, "g": out.g, "background": out.b, "recon": out.recon}[output]
         return result[:, 0].float().cpu().numpy()
