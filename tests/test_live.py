@@ -439,3 +439,23 @@ def test_attach_live_processes_continuous_streaming(core) -> None:
     raw, result, event = p.latest()
     assert event is None and raw.shape == (ROI, ROI)
     np.testing.assert_allclose(result, raw * 2.0)
+
+
+def test_a_3d_net_refuses_stacks_of_another_plane_count_or_step(
+    core, tiny3d: Restorer, tmp_path: Path
+) -> None:
+    four = useq.MDASequence(
+        z_plan={"range": 0.6, "step": 0.2}, channels=EPI_TIRF, axis_order="tpgcz"
+    )  # 4 planes; the model was trained on 6
+    with LiveProcessor(tiny3d, policy="record") as p:
+        core.mda.run(four, output=[str(tmp_path / "raw.ome.zarr"), p])
+        assert p.wait_until_idle(60)
+    assert p.stats.processed == 0 and p.stats.errors > 0
+    assert "4 planes but ET3dNet was trained on 6" in p.reported_errors[0]
+    wide = useq.MDASequence(
+        z_plan={"range": 2.5, "step": 0.5}, channels=EPI_TIRF, axis_order="tpgcz"
+    )  # 6 planes, 500 nm apart
+    with LiveProcessor(tiny3d, policy="record") as p:
+        core.mda.run(wide, output=[str(tmp_path / "raw2.ome.zarr"), p])
+        assert p.wait_until_idle(60)
+    assert p.stats.processed == 0 and "z step is 500 nm" in p.reported_errors[0]

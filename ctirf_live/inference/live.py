@@ -377,6 +377,8 @@ class LiveProcessor:
                     "add a z plan or use an ET2dNet model"
                 )
                 return
+            if self.restorer.dims == 3 and not self._stack_checked(planes, event):
+                return
             item = self._assembler.add(index, frame, event, t, planes)
             if item is None:
                 return
@@ -386,6 +388,21 @@ class LiveProcessor:
         else:
             item = WorkItem(frame, index, event, t)
         self._put(item)
+
+    def _stack_checked(self, planes: int, event: Any) -> bool:
+        """Whether a 3D model can restore this sequence's stacks (plane count, z step);
+        the first refusal is reported once, as every error is."""
+        check = getattr(self.restorer, "check_stack", None)
+        if check is None:
+            return True
+        z_plan = getattr(getattr(event, "sequence", None), "z_plan", None)
+        step = getattr(z_plan, "step", None)
+        try:
+            check(planes, float(step) if step else None)
+        except ValueError as exc:
+            self._error(str(exc))
+            return False
+        return True
 
     def _put(self, item: WorkItem) -> None:
         with self._lock:
