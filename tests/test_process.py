@@ -74,3 +74,26 @@ def test_process_command_overwrite_flag(src: Path, tmp_path: Path) -> None:
     assert same.exit_code == 2 and "replace the input" in same.output
     result = tifffile.imread(out)
     assert np.isfinite(result).all() and result.shape == (2, 64, 64)
+
+
+def test_a_3d_model_processes_a_41_plane_stack_in_windows(tmp_path: Path) -> None:
+    from ctirf_live.models.etnet import ET3dNet
+
+    torch.manual_seed(0)
+    model = save_model(ET3dNet(Optics(), "tiny"), tmp_path / "tiny3d.safetensors")
+    data = np.random.default_rng(1).poisson(300, (41, 64, 64)).astype(np.uint16)
+    stack = write_ome_tiff(
+        tmp_path / "stack.ome.tiff", data, "ZYX", pixel_size_um=0.0975, z_step_um=0.2
+    )
+    out = tmp_path / "ctirf.ome.tiff"
+    result = CliRunner().invoke(app, ["process", str(stack), "-m", str(model), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    restored = tifffile.imread(out)
+    assert restored.shape == (41, 64, 64) and np.isfinite(restored).all()
+    coarse = write_ome_tiff(
+        tmp_path / "coarse.ome.tiff", data[:8], "ZYX", pixel_size_um=0.0975, z_step_um=0.5
+    )
+    bad = CliRunner().invoke(
+        app, ["process", str(coarse), "-m", str(model), "-o", str(tmp_path / "x.ome.tiff")]
+    )
+    assert bad.exit_code == 2 and "z step is 500 nm" in bad.output

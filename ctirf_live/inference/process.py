@@ -96,6 +96,8 @@ def process_file(
     if msg := pixel_size_warning(restorer.optics, info.pixel_size_um):
         warnings.append(msg)
         log.warning(msg)
+    if restorer.dims == 3 and "Z" in info.axes.upper():
+        restorer.check_stack(data.shape[info.axes.upper().index("Z")], info.z_step_um)
     result = process_array(data, info.axes, restorer, progress)
     metadata: dict[str, Any] = {
         **info.metadata,
