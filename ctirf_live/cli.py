@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,14 +48,32 @@ def user_errors(func: F) -> F:
         except (ValueError, FileNotFoundError, OSError, KeyError) as exc:
             if os.environ.get("CTIRF_DEBUG"):
                 raise
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {error_line(exc)}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: work done so far is kept")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_PYTHON_OVERWRITE = re.compile(r"[Uu]se '?overwrite=True'? to overwrite\.?|'?overwrite=True'?")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user sees: pydantic reports name their fields, Python-only hints
+    (`overwrite=True`) become the CLI's option."""
+    from pydantic import ValidationError
+
+    from ctirf_live.config import validation_message
+
+    if isinstance(exc, ValidationError):
+        return validation_message(exc)
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    return _PYTHON_OVERWRITE.sub(
+        lambda m: "pass --overwrite to replace it" if m.group(0)[0] in "Uu" else "--overwrite", msg
+    )
 
 
 def _version(value: bool) -> None:

@@ -7,8 +7,9 @@ the same defaults and the same validation messages.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -74,14 +75,48 @@ def make_optics(**kwargs: object) -> Optics:
     try:
         return Optics(**kwargs)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc)) from None
+        raise ConfigError(validation_message(exc)) from None
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ()))
+_UNION_TAG = re.compile(r"^[A-Z]\w*$|[\[\]]")  # a union member's class name in a `loc`
+MAX_ERRORS_SHOWN = 3
+
+
+def validation_message(exc: ValidationError, limit: int = MAX_ERRORS_SHOWN) -> str:
+    """Pydantic's report as one line naming each field: `invalid Optics: na: must be > 0`.
+
+    Unions (useq's time and z plans) report every member they tried; only the members
+    that fit the input best (fewest missing fields) are named, without their class names.
+    """
+    lines: list[str] = []
+    members: dict[tuple[str, ...], dict[str, list[str]]] = {}
+    ranks: dict[tuple[tuple[str, ...], str], list[int]] = {}
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        tag = next((i for i, p in enumerate(loc) if _UNION_TAG.search(p)), None)
+        if tag is None:
+            lines.append(_line(loc, err))
+            continue
+        prefix, rest = tuple(loc[:tag]), [p for p in loc[tag + 1 :] if not _UNION_TAG.search(p)]
+        members.setdefault(prefix, {}).setdefault(loc[tag], []).append(_line([*prefix, *rest], err))
+        rank = ranks.setdefault((prefix, loc[tag]), [0, 0])
+        rank[0] += err.get("type") == "missing"
+        rank[1] += 1
+    for prefix, tried in members.items():
+        best = min(tuple(ranks[(prefix, name)]) for name in tried)
+        fits = [
+            ", ".join(errs) for name, errs in tried.items() if tuple(ranks[(prefix, name)]) == best
+        ]
+        lines.append(" or ".join(dict.fromkeys(fits)))
+    lines = list(dict.fromkeys(lines))
+    shown = "; ".join(lines[:limit])
+    more = len(lines) - limit
+    return f"invalid {exc.title}: {shown}" + (f"; and {more} more" if more > 0 else "")
+
+
+def _line(loc: list[str], err: Any) -> str:
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"invalid optics ({where}): {msg}" if where else f"invalid optics: {msg}"
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
 
 
 def load_optics_file(path: str | Path) -> dict[str, Optics]:
@@ -113,7 +148,7 @@ def load_optics_file(path: str | Path) -> dict[str, Optics]:
         try:
             out[str(name)] = Optics(**merged)
         except ValidationError as exc:
-            raise ConfigError(f"{path}: objective {name}: {_first_error(exc)}") from None
+            raise ConfigError(f"{path}: objective {name}: {validation_message(exc)}") from None
     return out
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import useq
 
 from ctirf_live import __version__
-from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP, ConfigError
+from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP, ConfigError, validation_message
 from ctirf_live.data.tiff import atomic_write_json
 from ctirf_live.inference.backlog import Policy
 from ctirf_live.inference.diskspace import RESERVE_BYTES, DiskBudget, DiskFullError
@@ -100,16 +100,11 @@ def load_sequence(path: str | Path) -> useq.MDASequence:
 
 
 def _why(exc: Exception) -> str:
-    """A validation error as `field.path: message`, at most three of them."""
+    """A validation error as `field.path: message` (at most three), else its first line."""
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
-        parts = [
-            f"{'.'.join(str(x) for x in e['loc']) or 'sequence'}: {e['msg']}"
-            for e in exc.errors()[:3]
-        ]
-        more = exc.error_count() - len(parts)
-        return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+        return validation_message(exc).split(": ", 1)[1]
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 

@@ -12,6 +12,7 @@ checkpoint as the tensor `psf`), so fine-tuning to another objective swaps the P
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
-from ctirf_live.config import Optics
+from ctirf_live import __version__
+from ctirf_live.config import Optics, validation_message
 from ctirf_live.models.checkpoint import (
     CheckpointError,
     check_state_dict,
@@ -181,17 +184,39 @@ def build_model(metadata: dict[str, Any], state: dict[str, torch.Tensor] | None 
             f"checkpoint architecture {name!r} is not one of {', '.join(ARCHITECTURES)}"
         )
     kwargs = dict(arch.get("kwargs") or {})
+    _check_arch_kwargs(name, kwargs, metadata)
     optics_meta = metadata.get("optics")
     if not optics_meta:
         raise CheckpointError("checkpoint has no optics; it cannot rebuild its PSF")
-    optics = Optics(**optics_meta)
+    try:
+        optics = Optics(**optics_meta)
+    except ValidationError as exc:
+        raise CheckpointError(f"checkpoint optics are {validation_message(exc)}") from None
     psf = None
     if kwargs.get("psf_model") == "measured":
         if state is None or PSF_KEY not in state:
             raise CheckpointError("checkpoint uses a measured PSF but does not contain it")
         psf = state[PSF_KEY].float().cpu().numpy()
         kwargs.pop("psf_model")
-    return ETNet(optics, psf=psf, **kwargs)
+    try:
+        return ETNet(optics, psf=psf, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint architecture {name} cannot be rebuilt: {exc}") from None
+
+
+def _check_arch_kwargs(name: str, kwargs: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Refuse architecture arguments this version does not know, naming them and the fix."""
+    params = inspect.signature(ETNet.__init__).parameters
+    known = {k for k in params if k not in ("self", "optics", "psf")}
+    unknown = sorted(set(kwargs) - known)
+    if not unknown:
+        return
+    written = (metadata.get("versions") or {}).get("ctirf_live", "an unknown version")
+    raise CheckpointError(
+        f"checkpoint architecture {name} has argument{'s' if len(unknown) > 1 else ''} "
+        f"{', '.join(unknown)} that ctirf-live {__version__} does not know (written by "
+        f"ctirf-live {written}); upgrade ctirf-live to load it"
+    )
 
 
 def load_model(
@@ -202,7 +227,10 @@ def load_model(
     """Load an ETNet checkpoint (a path or a shipped model name): (model in eval mode, metadata)."""
     path = resolve_checkpoint(name_or_path, extra_dirs)
     state, metadata = load_checkpoint(path)
-    model = build_model(metadata, state)
+    try:
+        model = build_model(metadata, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     check_state_dict(model, weights)
     model.load_state_dict(weights)
