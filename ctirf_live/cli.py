@@ -249,6 +249,23 @@ def _training_settings(
     return type(base)(**{**base.model_dump(), **changes})
 
 
+def _record_consistency(checkpoint: Path, source: Any, frames: int = 32) -> None:
+    """Calibrate the consistency monitor on the run's own frames, stored in the checkpoint."""
+    from ctirf_live.inference.consistency import calibrate, record_calibration
+    from ctirf_live.inference.restorer import Restorer
+
+    epi = [p.epi for p in source.pairs[:frames]]
+    if len(epi) < 5 or not Path(checkpoint).is_file():
+        return
+    calibration = calibrate(Restorer(checkpoint, device="cpu"), epi)
+    record_calibration(checkpoint, calibration)
+    console.print(
+        f"consistency monitor calibrated on {len(epi)} frames (residual p99 "
+        f"{calibration['residual']['p99']:.3f})",
+        highlight=False,
+    )
+
+
 def _report_training(result: Any) -> None:
     """Print where the best checkpoint is and its validation metrics."""
     for note in result.notes:
@@ -364,6 +381,7 @@ def train_command(
         resume=resume,
     )
     _report_training(result)
+    _record_consistency(result.best_path, source)
 
 
 @app.command()
@@ -492,6 +510,7 @@ def finetune(
         from_, source, settings, out, device=device, baseline=baseline, resume=resume
     )
     _report_training(result)
+    _record_consistency(result.best_path, source)
 
 
 @app.command()
