@@ -67,7 +67,33 @@ class DemoReport:
     acquisition: dict[str, Any] = field(default_factory=dict)
     model_path: str = ""
     verdict: str = ""
+    consistency: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def flagged_before_after(
+    shipped: str | Path, tuned: str | Path, tuning_frames: list, held_out: PairSource
+) -> dict[str, int]:
+    """Frames of the new rig the consistency monitor flags before and after fine-tuning.
+
+    The fine-tuned checkpoint is calibrated on the frames it was tuned on; the shipped
+    model keeps the calibration it ships with. Empty when the shipped model has none.
+    """
+    from ctirf_live.inference.consistency import ConsistencyMonitor, record_calibration
+    from ctirf_live.inference.consistency import calibrate as calibrate_monitor
+
+    before = Restorer(shipped, device="cpu")
+    if len(tuning_frames) < 5 or not ConsistencyMonitor(before).calibrated:
+        return {}
+    record_calibration(tuned, calibrate_monitor(Restorer(tuned, device="cpu"), tuning_frames))
+    after = ConsistencyMonitor(Restorer(tuned, device="cpu"))
+    first = ConsistencyMonitor(before)
+    frames = [p.epi for p in held_out.pairs]
+    return {
+        "frames": len(frames),
+        "before": sum(bool(first.restore(f)[1].flagged) for f in frames),
+        "after": sum(bool(after.restore(f)[1].flagged) for f in frames),
+    }
 
 
 def adaptation_verdict(
@@ -187,6 +213,16 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
             report.before["ctirf"], report.after["ctirf"], report.epochs, len(held_out)
         )
         step(report.verdict)
+        report.consistency = flagged_before_after(
+            shipped, result.best_path, [p.epi for p in source.pairs], held_out
+        )
+        if report.consistency:
+            c = report.consistency
+            step(
+                f"consistency monitor: {c['before']} of {c['frames']} held-out "
+                f"{options.objective} frames flagged with the shipped model, {c['after']} "
+                "after fine-tuning"
+            )
 
         step(
             f"[4/4] time-lapse: {options.timepoints} time points x {options.planes}-plane "
