@@ -81,3 +81,22 @@ def test_invalid_parameters_are_refused() -> None:
         rolling_ball(image, radius_px=0)
     with pytest.raises(ValueError, match="shape"):
         background_filter(np.ones(16))
+
+
+def test_richardson_lucy_3d_sharpens_a_blurred_bead_in_all_axes() -> None:
+    from scipy import ndimage
+
+    from ctirf_live.evaluation.baselines import richardson_lucy_3d
+
+    vol = np.zeros((9, 33, 33))
+    vol[4, 16, 16] = 1000.0
+    psf = np.zeros((5, 9, 9))
+    psf[2, 4, 4] = 1.0
+    psf = ndimage.gaussian_filter(psf, (1.0, 1.5, 1.5))
+    blurred = ndimage.convolve(vol, psf, mode="constant") + 10.0
+    out = richardson_lucy_3d(blurred, psf, iterations=30)
+    assert out.shape == blurred.shape and out.dtype == np.float32
+    assert out[4, 16, 16] > 2 * blurred[4, 16, 16]
+    assert out[2, 16, 16] / out[4, 16, 16] < blurred[2, 16, 16] / blurred[4, 16, 16]
+    with pytest.raises(ValueError, match="stack"):
+        richardson_lucy_3d(blurred[0], psf)
