@@ -15,6 +15,7 @@ from ctirf_live.inference.restorer import Restorer
 from ctirf_live.models.etnet import ET2dNet, load_model, save_model
 from ctirf_live.sim.scope import DEFAULT_OBJECTIVES
 from ctirf_live.training.distill import distill, distill_settings, teacher_targets
+from ctirf_live.training.trainer import TrainResult
 
 runner = CliRunner()
 OPTICS = DEFAULT_OBJECTIVES["60X"]
@@ -53,34 +54,21 @@ def test_distillation_loss_falls_and_checkpoints_record_the_stack(
 ) -> None:
     torch.manual_seed(0)
     settings = distill_settings(epochs=4, crop=64, warmup_epochs=0, lr=2e-3)
-    result = distill(
-        teacher,
-        _stacks(2),
-        _stacks(1, seed=1),
-        settings,
-        tmp_path / "run",
-        variant="tiny",
-        device="cpu",
-        progress=False,
-        samples_per_epoch=8,
-    )
+
+    def run() -> TrainResult:
+        return distill(
+            teacher, _stacks(2), _stacks(1, seed=1), settings, tmp_path / "run",
+            variant="tiny", device="cpu", progress=False, samples_per_epoch=8,
+        )  # fmt: skip
+
+    result = run()
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.95 * losses[0]
     model, meta = load_model(result.best_path)
     assert model.dims == 3 and model.name == "ET3dNet"
     assert meta["stack"] == {"planes": 6, "z_step_um": 0.2} and meta["planes"] == 6
     assert meta["provenance"]["kind"] == "distill"
-    again = distill(
-        teacher,
-        _stacks(2),
-        _stacks(1, seed=1),
-        settings,
-        tmp_path / "run",
-        variant="tiny",
-        device="cpu",
-        progress=False,
-        samples_per_epoch=8,
-    )
+    again = run()
     assert len(again.history) == 4  # resumed: nothing left to do
 
 

@@ -86,13 +86,18 @@ def test_rotation_happens_with_the_requested_probability_and_is_applied() -> Non
     assert all(never.plan(i)[3] is None for i in range(200))
 
 
-def test_variance_weight_is_larger_for_structured_tirf_than_for_flat() -> None:
+def _structured_and_flat() -> PairSource:
+    """A structured pair and a flat one (as an out-of-focus field would be)."""
     rng = np.random.default_rng(2)
     structured = _structured(rng, (64, 64))
     flat = (1000 + rng.normal(0, 5, (64, 64))).astype(np.float32)
-    src = PairSource(
+    return PairSource(
         [FramePair(structured, structured, "a"), FramePair(flat, flat, "b")], Optics(), "toy"
     )
+
+
+def test_variance_weight_is_larger_for_structured_tirf_than_for_flat() -> None:
+    src = _structured_and_flat()
     ds = CropDataset(src, crop=64, augment=False)
     w_structured, w_flat = float(ds[0]["weight"]), float(ds[1]["weight"])
     assert w_structured > 5 * w_flat
@@ -100,12 +105,7 @@ def test_variance_weight_is_larger_for_structured_tirf_than_for_flat() -> None:
 
 
 def test_literal_variance_scaling_multiplies_the_tirf_target_instead() -> None:
-    rng = np.random.default_rng(2)
-    structured = _structured(rng, (64, 64))
-    flat = (1000 + rng.normal(0, 5, (64, 64))).astype(np.float32)
-    src = PairSource(
-        [FramePair(structured, structured, "a"), FramePair(flat, flat, "b")], Optics(), "toy"
-    )
+    src = _structured_and_flat()
     weighted = CropDataset(src, crop=64, augment=False)
     literal = CropDataset(src, crop=64, augment=False, variance_scaling="target")
     plain = CropDataset(src, crop=64, augment=False, variance_scaling="none")

@@ -256,8 +256,6 @@ def depth_psf(
     so the planes keep their physical brightness relative to it (deep emitters give less
     light). Point-sampled at pixel centres; float32 `(size, size)` or `(nz, size, size)`.
     """
-    import psfmodels
-
     size = _check_size(size)
     if emitter_z_um < 0:
         raise ValueError(f"emitter_z_um is the height above the coverslip, got {emitter_z_um}")
@@ -265,51 +263,43 @@ def depth_psf(
     sub = oversampling or max(
         1, math.ceil(optics.pixel_size_um * 8 * optics.na / optics.wavelength_um)
     )
-    n_odd = size + 1 - size % 2
-    kwargs = dict(
+    planes = _gibson_lanni(optics, size, sub, float(emitter_z_um), tuple(z.tolist()))
+    out = (planes / _surface_reference_sum(optics, size, sub)).astype(np.float32)
+    return out[0] if scalar else out
+
+
+def _gibson_lanni(
+    optics: Optics, size: int, sub: int, emitter_z_um: float, focus_um: tuple[float, ...]
+) -> np.ndarray:
+    """psfmodels' scalar Gibson-Lanni PSF on a grid `sub` times finer, point-sampled back
+    at our pixel centres (psfmodels interpolates a radial profile sampled once per pixel)."""
+    import psfmodels
+
+    n_odd = size + 1 - size % 2  # psfmodels centres odd windows; crop keeps size // 2
+    n_imm = optics.immersion_index
+    planes = psfmodels.make_psf(
+        list(focus_um),
+        sub * (n_odd - 1) + 1,
         dxy=optics.pixel_size_um / sub,
+        pz=emitter_z_um,
         NA=optics.na,
         wvl=optics.wavelength_um,
         ns=optics.sample_index,
-        ni=optics.immersion_index,
-        ni0=optics.immersion_index,
-        ng=optics.immersion_index,
-        ng0=optics.immersion_index,
+        ni=n_imm,
+        ni0=n_imm,
+        ng=n_imm,
+        ng0=n_imm,
         oversample_factor=1,
         normalize=False,
         model="scalar",
     )
-    npx = sub * (n_odd - 1) + 1
-    planes = psfmodels.make_psf(z, npx, pz=float(emitter_z_um), **kwargs)[:, ::sub, ::sub]
-    planes = planes[:, :size, :size]
-    reference = _surface_reference_sum(optics, size, sub)
-    out = (planes / reference).astype(np.float32)
-    return out[0] if scalar else out
+    return planes[:, ::sub, ::sub][:, :size, :size]
 
 
 @functools.lru_cache(maxsize=32)
 def _surface_reference_sum(optics: Optics, size: int, sub: int) -> float:
     """Sum of the in-focus Gibson-Lanni PSF of an emitter on the coverslip (the unit)."""
-    import psfmodels
-
-    n_odd = size + 1 - size % 2
-    psf = psfmodels.make_psf(
-        [0.0],
-        sub * (n_odd - 1) + 1,
-        dxy=optics.pixel_size_um / sub,
-        pz=0.0,
-        NA=optics.na,
-        wvl=optics.wavelength_um,
-        ns=optics.sample_index,
-        ni=optics.immersion_index,
-        ni0=optics.immersion_index,
-        ng=optics.immersion_index,
-        ng0=optics.immersion_index,
-        oversample_factor=1,
-        normalize=False,
-        model="scalar",
-    )[:, ::sub, ::sub][:, :size, :size]
-    total = float(psf.sum())
+    total = float(_gibson_lanni(optics, size, sub, 0.0, (0.0,)).sum())
     if not total > 0:
         raise ValueError("the in-focus PSF is empty; check the optics (NA, wavelength, pixel)")
     return total
