@@ -177,6 +177,8 @@ def calibrate(
             return
         with Progress(*columns, console=console, transient=False) as progress:
             ds = run_calibration(core, rig, out, progress=progress, **kwargs)
+    for note in ds.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     summary = summarize(ds)
     table = Table(title="calibration", show_header=False)
     table.add_row("pairs", f"{summary['pairs']} / {summary['requested']}")

@@ -26,8 +26,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import queue
 import shutil
+import socket
 import threading
 import time
 from collections import Counter
@@ -58,6 +60,7 @@ from ctirf_live.config import (
     Optics,
 )
 from ctirf_live.data.dataset import PairedDataset
+from ctirf_live.folderlock import FolderLock, FolderLockedError
 
 GRID = "grid"
 RANDOM = "random"
@@ -68,7 +71,7 @@ MIN_FOCUS = 0.5  # TIRF fine/coarse band variance ratio (in focus ~1.2-1.5)
 FRAME_GRACE_S = 2.0  # wait for a position's frames this long after the runner moved on
 MAX_MISSING_IN_A_ROW = 3  # positions without frames before the camera is declared broken
 BYTES_OVERHEAD = 64 * 1024  # OME-XML and TIFF tags per pair file
-SIM_SLIDE_HALF_WIDTH_UM = 30_000.0  # the simulated stage: +-30 mm (cells within 25 mm of the centre)
+SIM_SLIDE_HALF_WIDTH_UM = 30_000.0  # simulated stage: +-30 mm (cells within 25 mm of the centre)
 
 Bounds = tuple[float, float, float, float]  # xmin, xmax, ymin, ymax (um)
 ProgressCallback = Callable[["CalibrationStatus"], None]
@@ -403,6 +406,7 @@ class CalibrationPlan:
     origin_um: tuple[float, float, float | None]
     frame_shape: tuple[int, int]
     bounds: Bounds | None = None
+    notes: tuple[str, ...] = ()  # repairs made when the existing folder was opened
 
     @property
     def needed(self) -> int:
@@ -462,7 +466,7 @@ def plan_calibration(
     objective = objective or current_objective(core, rig)
     optics = _planned_optics(core, rig, objective)
     out = Path(out)
-    existing, used, calib = _existing(out, optics)
+    existing, used, calib, notes = _existing(out, optics)
     origin = _origin(core, calib)
     h, w = core.getImageHeight(), core.getImageWidth()
     fov = (w * optics.pixel_size_um, h * optics.pixel_size_um)
@@ -505,6 +509,7 @@ def plan_calibration(
         origin_um=origin,
         frame_shape=(h, w),
         bounds=bounds,
+        notes=notes,
     )
 
 
@@ -524,10 +529,13 @@ def _binning(core: CMMCorePlus) -> int:
         return 1
 
 
-def _existing(out: Path, optics: Optics) -> tuple[list[Any], list[tuple[float, float]], dict]:
-    """Pairs, used/rejected positions and the calibration record of an existing folder."""
+def _existing(
+    out: Path, optics: Optics
+) -> tuple[list[Any], list[tuple[float, float]], dict, tuple[str, ...]]:
+    """Pairs, used/rejected positions, the calibration record and the repair notes of an
+    existing folder."""
     if not (out / "manifest.json").is_file():
-        return [], [], {}
+        return [], [], {}, ()
     ds = PairedDataset.open(out)
     ds.check_optics(optics)
     calib = dict(ds.manifest.get("calibration") or {})
@@ -537,7 +545,7 @@ def _existing(out: Path, optics: Optics) -> tuple[list[Any], list[tuple[float, f
         for r in calib.get("rejected", [])
         if r.get("position")
     ]
-    return list(ds.pairs), used, calib
+    return list(ds.pairs), used, calib, tuple(ds.notes)
 
 
 def _origin(core: CMMCorePlus, calib: dict) -> tuple[float, float, float | None]:
@@ -626,17 +634,64 @@ def calibrate(
     `dry_run` returns the `CalibrationPlan` without moving or writing anything.
     Raises `CalibrationError` when the slide yields too few good fields within the bounded
     tries, or when the run stops on an error; pairs written so far stay valid.
+    One run writes into a folder at a time (`FolderLockedError` names the other one); the
+    returned dataset's `notes` say what was repaired (a killed run, a stale lock).
     """
-    plan = plan_calibration(
-        core, rig, out, pairs, objective, positions, exposure_ms, z_offset_um, seed, bounds
-    )
-    if dry_run:
-        return plan
+    args = (core, rig, out, pairs, objective, positions, exposure_ms, z_offset_um, seed, bounds)
+    out = Path(out)
+    if dry_run or not out.is_dir():
+        plan = plan_calibration(*args)  # checks the arguments before a folder is made
+        if dry_run:
+            return plan
+    lock = _lock(out)
+    try:
+        return _calibrate_locked(
+            core,
+            rig,
+            plan_calibration(*args),
+            lock,
+            objective,
+            max_shift_px,
+            force,
+            progress,
+            str(positions),
+            seed,
+        )
+    finally:
+        lock.release()
+
+
+def _lock(out: Path) -> FolderLock:
+    if out.exists() and not out.is_dir():
+        raise CalibrationError(f"--out {out} is a file; give a folder for the dataset")
+    try:
+        return FolderLock(out, command="ctirf calibrate").acquire()
+    except FolderLockedError as exc:
+        raise CalibrationError(str(exc)) from None
+    except OSError as exc:
+        raise CalibrationError(
+            f"cannot write to {out}: {exc.strerror or exc}; choose another --out"
+        ) from None
+
+
+def _calibrate_locked(
+    core: CMMCorePlus,
+    rig: RigInfo,
+    plan: CalibrationPlan,
+    lock: FolderLock,
+    objective: str | None,
+    max_shift_px: float,
+    force: bool,
+    progress: ProgressCallback | Any | None,
+    positions: str,
+    seed: int,
+) -> PairedDataset:
     _check_writable(plan, core)
     try:
         ds = PairedDataset.create(plan.out, plan.optics)
     except OSError as exc:
         raise CalibrationError(f"cannot write to {plan.out}: {exc.strerror or exc}") from None
+    ds.notes[:0] = [*([lock.note] if lock.note else []), *plan.notes]
     if plan.needed == 0:
         return ds
     objective = objective or current_objective(core, rig)
@@ -649,7 +704,7 @@ def calibrate(
         force,
         _progress_callback(progress),
         psf_sigma_px=_psf_sigma_px(optics),
-        positions=str(positions),
+        positions=positions,
         seed=seed,
     )
     session.run(core)
@@ -668,7 +723,7 @@ def _check_writable(plan: CalibrationPlan, core: CMMCorePlus) -> None:
         raise CalibrationError(f"--out {folder} is a file; give a folder for the dataset")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".ctirf_write_test"
+        probe = folder / f".ctirf_write_test.{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
@@ -860,6 +915,8 @@ class _Session:
             "accepted": 0,
             "rejected": 0,
             "status": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
         }
         self.record.setdefault("runs", []).append(self.run_info)
         self.rejected = Counter(r.get("reason", "?") for r in self.record["rejected"])
@@ -930,23 +987,30 @@ class _Session:
         if not quality.ok:
             self._reject(pos, position, quality, reg)
             return
-        self.ds.add_pair(
-            epi,
-            tirf,
-            position,
-            reg.shift_px,
-            quality.score,
-            extra={
-                "position_name": pos.name,
-                "mi": round(reg.mi, 5),
-                "shift_flagged": reg.flagged,
-                "focus": round(quality.focus, 4),
-                "coverage": round(quality.coverage, 4),
-                "exposure_ms": self.plan.exposure_ms,
-                "frames": {EPI_PRESET: _frame_info(epi_meta), TIRF_PRESET: _frame_info(tirf_meta)},
-            },
-        )
-        self.run_info["accepted"] += 1
+        self.run_info["accepted"] += 1  # counted in the manifest the pair is saved with
+        try:
+            self.ds.add_pair(
+                epi,
+                tirf,
+                position,
+                reg.shift_px,
+                quality.score,
+                extra={
+                    "position_name": pos.name,
+                    "mi": round(reg.mi, 5),
+                    "shift_flagged": reg.flagged,
+                    "focus": round(quality.focus, 4),
+                    "coverage": round(quality.coverage, 4),
+                    "exposure_ms": self.plan.exposure_ms,
+                    "frames": {
+                        EPI_PRESET: _frame_info(epi_meta),
+                        TIRF_PRESET: _frame_info(tirf_meta),
+                    },
+                },
+            )
+        except BaseException:
+            self.run_info["accepted"] -= 1
+            raise
         self._report(f"{pos.name}: ok, shift ({reg.shift_px[0]:+.2f}, {reg.shift_px[1]:+.2f}) px")
 
     def _reject(

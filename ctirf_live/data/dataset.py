@@ -6,15 +6,21 @@ Layout (DESIGN.md, "Paired dataset")::
     DIR/pair_0000.ome.tif      C=2 (EPI, TIRF), raw intensities, metadata embedded
 
 Each pair is written atomically (image first, then the manifest), and every pair file
-carries its own record in its OME metadata. Opening a folder therefore repairs the
-two ways an interruption can leave it: a manifest entry whose file is gone is dropped,
-and a pair file missing from the manifest (crash between the two writes) is adopted.
+carries its own record in its OME metadata. Opening a folder therefore repairs what an
+interruption can leave: a manifest entry whose file is gone is dropped, a pair file
+missing from the manifest (crash between the two writes) is adopted, a calibration run
+that was killed (still `running` in the manifest) is marked `killed`, and temp files of
+interrupted atomic writes are removed. Repairs are written only by the process that
+holds the folder's lock (`ctirf_live.folderlock`); anyone else repairs in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,8 +31,10 @@ import numpy as np
 from scipy import ndimage
 
 from ctirf_live import __version__
+from ctirf_live.atomic import remove_leftover_temps
 from ctirf_live.config import Optics
 from ctirf_live.data.tiff import atomic_write_json, read_ome_tiff, write_ome_tiff
+from ctirf_live.folderlock import FolderLock, FolderLockedError, held_here
 
 FORMAT = "ctirf-paired-dataset"
 FORMAT_VERSION = 1
@@ -83,6 +91,7 @@ class PairedDataset:
         self.folder = folder
         self.manifest = manifest
         self.pairs = [PairRecord.from_dict(p) for p in manifest.get("pairs", [])]
+        self.notes: list[str] = []  # repairs made on opening, for the user
 
     # -- creation / opening --------------------------------------------------------------
 
@@ -138,8 +147,17 @@ class PairedDataset:
             raise DatasetError(f"{path} was written by a newer ctirf-live; upgrade to read it")
         ds = cls(folder, manifest)
         changed = ds._drop_missing() | ds._adopt_orphans()
-        if changed:
-            ds.save_manifest()
+        mine_live = held_here(folder)  # the caller writes here: its own run is alive
+        with _write_access(folder, ds.notes) as writable:
+            if writable:
+                changed |= ds._mark_killed_runs(spare_mine=mine_live)
+                removed = remove_leftover_temps(folder)
+                if removed:
+                    ds.notes.append(
+                        f"removed {len(removed)} temp file(s) of interrupted writes in {folder}"
+                    )
+                if changed:
+                    ds.save_manifest()
         return ds
 
     @property
@@ -210,6 +228,27 @@ class PairedDataset:
         self.pairs = kept
         return changed
 
+    def _mark_killed_runs(self, spare_mine: bool) -> bool:
+        """Runs still `running` while this process may write were killed (a live run holds
+        the folder's lock), except this process's own with `spare_mine`: say so."""
+        runs = (self.manifest.get("calibration") or {}).get("runs") or []
+        me = (os.getpid(), socket.gethostname())
+        killed = [
+            r
+            for r in runs
+            if isinstance(r, dict)
+            and r.get("status") == "running"
+            and not (spare_mine and (r.get("pid"), r.get("host")) == me)
+        ]
+        found = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for run in killed:
+            run.update(status="killed", note=f"the process ended mid-run (found {found})")
+            self.notes.append(
+                f"calibration run started {run.get('started', '?')} was killed after "
+                f"{run.get('accepted', 0)} pair(s); marked 'killed' in the manifest"
+            )
+        return bool(killed)
+
     def _adopt_orphans(self) -> bool:
         listed = {p.file for p in self.pairs}
         adopted = False
@@ -254,6 +293,28 @@ class PairedDataset:
             with tifffile.TiffFile(self.folder / rec.file) as tif:
                 out.add(tuple(tif.series[0].shape[-2:]))
         return out
+
+
+@contextlib.contextmanager
+def _write_access(folder: Path, notes: list[str]) -> Iterator[bool]:
+    """True while this process may write repairs: it holds the folder's lock, or takes it
+    for the block (a stale lock taken over is noted). False when another live process
+    holds it or the folder is read-only."""
+    if held_here(folder):
+        yield True
+        return
+    lock = FolderLock(folder, command="open dataset")
+    try:
+        lock.acquire()
+    except (FolderLockedError, OSError):
+        yield False
+        return
+    if lock.note:
+        notes.append(lock.note)
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def apply_shift(image: np.ndarray, shift_px: tuple[float, float] | list[float]) -> np.ndarray:
