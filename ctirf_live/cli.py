@@ -523,10 +523,11 @@ def models(
         typer.Option("--dir", help="Also list checkpoints in this folder and its subfolders"),
     ] = None,
 ) -> None:
-    """List shipped and local checkpoints with their optics."""
+    """List shipped and local checkpoints with their optics, by the name `-m` takes:
+    a training run folder stands for its best checkpoint."""
     from rich.table import Table
 
-    from ctirf_live.models.checkpoint import WEIGHTS_DIR, list_checkpoints
+    from ctirf_live.models.checkpoint import WEIGHTS_DIR, list_checkpoints, run_folder_of
 
     folders: list[Path] = []
     for d in directory or []:
@@ -534,6 +535,10 @@ def models(
             raise FileNotFoundError(f"no such folder: {d}")
         folders += [d, *sorted(p for p in d.iterdir() if p.is_dir())]
     found = list_checkpoints(folders)
+    run_folders = {run_folder_of(i.path) for i in found} - {None}
+    found = [
+        i for i in found if not (i.path.name == "last.safetensors" and i.path.parent in run_folders)
+    ]
     if not found:
         console.print(f"no checkpoints found (shipped weights live in {WEIGHTS_DIR})")
         return
@@ -543,7 +548,9 @@ def models(
         table.add_column(column, no_wrap=True)
     for info in found:
         table.add_row(
-            f"{info.name} (shipped)" if info.shipped else str(info.path.with_suffix("")),
+            f"{info.name} (shipped)"
+            if info.shipped
+            else str(run_folder_of(info.path) or info.path),
             info.architecture,
             info.objective or "-",
             f"{info.na:g}" if info.na is not None else "-",

@@ -207,7 +207,9 @@ def test_resolve_checkpoint(tmp_path: Path, weights_dir: Path, saved: Path) -> N
     assert resolve_checkpoint(str(saved)) == saved
     assert resolve_checkpoint("et2d-60x") == shipped
     assert resolve_checkpoint("et2d-60x.safetensors") == shipped
-    with pytest.raises(CheckpointError, match="no checkpoint file or model named 'et3d'") as info:
+    with pytest.raises(
+        CheckpointError, match="no checkpoint file, run folder or model named 'et3d'"
+    ) as info:
         resolve_checkpoint("et3d")
     assert "available models: et2d-60x" in str(info.value)
     with pytest.raises(CheckpointError, match=r"checkpoint not found: .*ctirf models"):

@@ -44,6 +44,7 @@ FORMAT = "ctirf-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "ctirf"
 SUFFIX = ".safetensors"
+BEST_NAME = f"best{SUFFIX}"  # what a training run folder stands for
 WEIGHTS_DIR = Path(__file__).parent.parent / "weights"
 
 _NOT_FOUND_HINT = "list available models with `ctirf models`"
@@ -278,10 +279,13 @@ def list_checkpoints(extra_dirs: Sequence[Path] = ()) -> list[CheckpointInfo]:
 
 
 def resolve_checkpoint(name_or_path: str | Path, extra_dirs: Sequence[Path] = ()) -> Path:
-    """An existing file path, else a shipped (or `extra_dirs`) model by name (file stem)."""
+    """The one model resolver of every command: a checkpoint file, a run folder (its
+    `best.safetensors`), or a shipped (or `extra_dirs`) model by name (file stem)."""
     candidate = Path(name_or_path)
     if candidate.is_file():
         return candidate
+    if candidate.is_dir():
+        return _run_folder_best(candidate)
     if candidate.parent != Path("."):
         raise CheckpointError(f"checkpoint not found: {candidate}; {_NOT_FOUND_HINT}")
     name = candidate.name.removesuffix(SUFFIX)
@@ -293,6 +297,23 @@ def resolve_checkpoint(name_or_path: str | Path, extra_dirs: Sequence[Path] = ()
     available = sorted({p.stem for folder in folders for p in folder.glob(f"*{SUFFIX}")})
     listing = ", ".join(available) if available else "none installed"
     raise CheckpointError(
-        f"no checkpoint file or model named {str(name_or_path)!r}; available models: "
-        f"{listing}; or pass the path to a {SUFFIX} file"
+        f"no checkpoint file, run folder or model named {str(name_or_path)!r}; available "
+        f"models: {listing}; or pass a {SUFFIX} file or a training output folder"
     )
+
+
+def _run_folder_best(folder: Path) -> Path:
+    best = folder / BEST_NAME
+    if best.is_file():
+        return best
+    others = sorted(p.name for p in folder.glob(f"*{SUFFIX}"))
+    if others:
+        hint = f"it holds {', '.join(others)}: pass one of them as {folder / others[0]}"
+    else:
+        hint = "is the training finished? (a run folder gets it after its first epoch)"
+    raise CheckpointError(f"{folder} has no {BEST_NAME}; {hint}")
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder a checkpoint is the best of (what users pass as `-m`), else None."""
+    return path.parent if path.name == BEST_NAME else None
