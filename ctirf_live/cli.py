@@ -32,6 +32,13 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+ObjectiveOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--objective", help="Objective preset to image with, e.g. 60X (default: the active one)"
+    ),
+]
+
 ConfigOpt = Annotated[
     Path,
     typer.Option("--config", "-c", help="Micro-Manager .cfg (acquisition_configs/ctirf_demo.cfg)"),
@@ -478,7 +485,10 @@ def _stack_side(data: Any) -> int:
 def finetune(
     data: Annotated[Path, typer.Option(help="Paired dataset folder (ctirf calibrate)")],
     from_: Annotated[
-        str, typer.Option("--from", help="Checkpoint, model folder or shipped model name")
+        str,
+        typer.Option(
+            "--model", "-m", "--from", help="Model to start from: name, run folder or file"
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help=RUN_DIR_HELP)],
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 20)")] = None,
@@ -569,6 +579,7 @@ def acquire(
     ],
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (raw, ctirf, summary)")],
+    objective: ObjectiveOpt = None,
     policy: Annotated[
         str, typer.Option(help="record: every frame (spills to disk); preview: newest wins")
     ] = "record",
@@ -589,8 +600,9 @@ def acquire(
     )
     from rich.table import Table
 
-    from ctirf_live.acquisition.core import open_core
+    from ctirf_live.acquisition.core import check_rig, open_core
     from ctirf_live.acquisition.limits import stage_limits
+    from ctirf_live.acquisition.objective import check_model_optics, select_objective
     from ctirf_live.inference.acquire import acquire as run_acquire
     from ctirf_live.inference.acquire import load_sequence, resolve_device
     from ctirf_live.inference.backlog import POLICIES
@@ -616,6 +628,8 @@ def acquire(
         TimeElapsedColumn(),
     )
     with open_core(config) as core, Progress(*columns, console=console, transient=True) as bar:
+        rig = check_rig(core, config)
+        check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
         task = bar.add_task(
             "", total=None, phase="acquiring", processed=0, skipped=0, errors=0, queue=0
         )
@@ -731,6 +745,7 @@ def live(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Save each MDA's raw + cTIRF here")
     ] = None,
+    objective: ObjectiveOpt = None,
 ) -> None:
     """Open the live window: raw EPI and cTIRF side by side while imaging."""
     from ctirf_live.inference.acquire import resolve_device
@@ -751,7 +766,13 @@ def live(
     if warning:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     code = run_live_window(
-        config, model, policy, device=device, sequence_path=sequence, output_dir=out
+        config,
+        model,
+        policy,
+        device=device,
+        sequence_path=sequence,
+        output_dir=out,
+        objective=objective,
     )
     if code:
         raise typer.Exit(code)

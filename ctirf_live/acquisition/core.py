@@ -200,7 +200,7 @@ class RigInfo:
             known = ", ".join(sorted(self.objectives)) or "none"
             raise ConfigError(
                 f"objective {objective!r} has no optics (known: {known}); add it to "
-                f"{optics_file_for(self.config_path).name} or pass --na/--wavelength"
+                f"{optics_file_for(self.config_path).name} (see acquisition_configs/README.md)"
             )
         return self.objectives[objective]
 
@@ -243,8 +243,8 @@ def check_rig(
     )
     if not objectives:
         raise ConfigError(
-            f"no optics for {config_path.name}: create {opt_file.name} beside it "
-            "(NA, emission wavelength, immersion index per objective) or pass --na/--wavelength"
+            f"no optics for {config_path.name}: create {opt_file.name} beside it (NA, "
+            "emission wavelength, immersion index per objective; see acquisition_configs/README.md)"
         )
     return RigInfo(config_path, presets, objectives, objective_presets)
 

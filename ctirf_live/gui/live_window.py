@@ -686,9 +686,12 @@ def run_live_window(
     device: str = "auto",
     sequence_path: Path | None = None,
     output_dir: Path | None = None,
+    objective: str | None = None,
 ) -> int:
-    """Open the rig, load the model and run the live window; returns the Qt exit code."""
+    """Open the rig on `objective` (default: the active one), check the model was trained
+    for its optics, and run the live window; returns the Qt exit code."""
     from ctirf_live.acquisition.core import check_rig, open_core
+    from ctirf_live.acquisition.objective import check_model_optics, select_objective
     from ctirf_live.inference.live import LiveProcessor
 
     # psygnal core events: processing and acquisition never wait for the GUI thread
@@ -697,6 +700,7 @@ def run_live_window(
     restorer = Restorer(model, device=device)
     with open_core(config) as core:
         rig = check_rig(core, config)
+        check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
         processor = LiveProcessor(restorer, policy=policy)
         window = LiveWindow(
             core, processor, rig=rig, sequence_path=sequence_path, output_dir=output_dir
