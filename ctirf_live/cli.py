@@ -104,7 +104,9 @@ def _main(
 def snap(
     config: ConfigOpt,
     output: Annotated[Path, typer.Option("--out", "--output", "-o", help="OME-TIFF to write")],
-    mode: Annotated[str, typer.Option(help="Illumination preset: EPI or TIRF")] = "EPI",
+    mode: Annotated[
+        str, typer.Option(help="Illumination preset: EPI | TIRF (any case)", metavar="EPI|TIRF")
+    ] = "EPI",
     objective: Annotated[str | None, typer.Option(help="Objective preset, e.g. 60X")] = None,
     z: Annotated[float | None, typer.Option("--z", help="Focus position (um)")] = None,
     exposure: Annotated[float | None, typer.Option(help="Exposure (ms)")] = None,
@@ -116,12 +118,18 @@ def snap(
 
     with open_core(config) as core:
         rig = check_rig(core, config)
-        image, meta = snap_frame(core, rig, mode, objective, z, exposure)
+        image, meta = snap_frame(core, rig, _preset(mode, rig), objective, z, exposure)
     path = save_snap(output, image, meta)
     console.print(
         f"saved {path} ({image.shape[1]}x{image.shape[0]} {image.dtype}, {meta['mode']}, "
         f"{meta['optics']['objective']}, pixel {meta['optics']['pixel_size_um'] * 1000:g} nm)"
     )
+
+
+def _preset(mode: str, rig: Any) -> str:
+    """The rig's illumination preset spelt as the user typed it, in any case."""
+    matches = [p for p in rig.illumination_presets if p.lower() == mode.lower()]
+    return matches[0] if len(matches) == 1 else mode
 
 
 @app.command()
@@ -1154,7 +1162,9 @@ def demo(
     ] = Path("demo_out"),
     pairs: Annotated[int, typer.Option(help="calibration pairs to collect")] = 20,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs")] = 8,
-    model: Annotated[str, typer.Option(help="checkpoint to fine-tune")] = "et2dnet_s0_60x_sim",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="checkpoint to fine-tune")
+    ] = "et2dnet_s0_60x_sim",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
     """Headless demo on the simulated rig: calibrate, fine-tune, score, live time-lapse."""

@@ -101,3 +101,11 @@ def test_cli_live_refuses_the_wrong_objective(qtbot) -> None:
     result = runner.invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "trained for 60X" in result.output and "pass --objective 60X" in result.output
+
+
+def test_snap_mode_is_case_insensitive_and_lists_its_choices(tmp_path: Path) -> None:
+    out = tmp_path / "t.ome.tif"
+    result = runner.invoke(app, ["snap", "-c", str(DEMO_CFG), "-o", str(out), "--mode", "tirf"])
+    assert result.exit_code == 0, result.output
+    assert read_ome_tiff(out)[1].metadata["mode"] == "TIRF"
+    assert "EPI|TIRF" in runner.invoke(app, ["snap", "--help"]).output
