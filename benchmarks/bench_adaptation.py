@@ -7,9 +7,9 @@ The shipped 60X model is fine-tuned on 20 simulated pairs of the demo's second r
 as the hybrid network and once as the baseline (no self-supervised branch), for each
 seed (crops, rotations, order), and scored after every epoch on held-out pairs of that
 rig against the noise-free TIRF. An upper reference, a model adapted on 96 pairs of the
-rig (`--reference-pairs`) for `--reference-epochs` epochs (or `--reference CKPT`), gives the gap the few-shot
-runs should close: closure = (best - start) / (reference - start). Curves (mean +- s.d.
-over seeds, Fig. 2d) go to benchmarks/RESULTS.md and `--out`.
+rig (`--reference-pairs`) for `--reference-epochs` epochs (or `--reference CKPT`),
+gives the gap the few-shot runs should close: closure = (best - start) / (reference -
+start). Curves (mean +- s.d. over seeds, Fig. 2d) go to benchmarks/RESULTS.md and `--out`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ def reference_model(args: argparse.Namespace, val: PairSource) -> tuple[str, flo
         path = args.reference
     else:
         many = PairSource.synthetic(
-            args.reference_pairs, args.objective, seed=args.data_seed + 50, roi=args.size, progress=False
+            args.reference_pairs,
+            args.objective,
+            seed=args.data_seed + 50,
+            roi=args.size,
+            progress=False,
         )
         settings = finetune_settings(
             crop=min(TrainSettings().crop, args.size), epochs=args.reference_epochs

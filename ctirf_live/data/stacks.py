@@ -99,7 +99,7 @@ def synthetic_stacks(
         scope.xy_um = next(queues[fam])
         scope.exposure_ms = float(math.exp(rng.uniform(*np.log(exposure_ms))))
         # starts on the z grid: foci repeat between stacks, so the OTFs are reused
-        steps = int(round((STACK_START_UM[1] - STACK_START_UM[0]) / z_step_um))
+        steps = round((STACK_START_UM[1] - STACK_START_UM[0]) / z_step_um)
         start = STACK_START_UM[0] + z_step_um * int(rng.integers(0, steps + 1))
         scope.set_illumination("EPI")
         epi = np.empty((planes, size, size), np.float32)
