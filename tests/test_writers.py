@@ -106,10 +106,18 @@ def test_tiff_writer_one_file_per_position(tmp_path: Path) -> None:
     writer.open(_seq(2), (32, 48), channels=("EPI", "TIRF"), metadata=META)
     writer.write({"t": 1, "p": 1, "c": 1, "z": 0}, _frame(3))
     writer.close()
-    assert sorted(p.name for p in writer.path.iterdir()) == ["p000.ome.tiff", "p001.ome.tiff"]
-    data, meta = read_result(writer.path, position=1)
-    assert data.shape == (3, 2, 6, 32, 48) and meta["position"] == 1
-    np.testing.assert_array_equal(data[1, 1, 0], _frame(3))
+    assert writer.path == tmp_path / "ctirf"  # as the raw store's raw/raw_p000.ome.tiff
+    files = ["ctirf_p000.ome.tiff", "ctirf_p001.ome.tiff"]
+    assert sorted(p.name for p in writer.path.iterdir()) == files
+    for where in (writer.path, tmp_path / "ctirf.ome.tiff"):
+        data, meta = read_result(where, position=1)
+        assert data.shape == (3, 2, 6, 32, 48) and meta["position"] == 1
+        np.testing.assert_array_equal(data[1, 1, 0], _frame(3))
+    with tifffile.TiffFile(writer.path / files[1]) as tif:
+        assert len(tif.series) == 1 and tif.series[0].name == "1"  # the raw image's name
+    again = OmeTiffResultWriter(tmp_path / "ctirf.ome.tiff")
+    with pytest.raises(FileExistsError, match="ctirf exists"):
+        again.open(_seq(2), (32, 48))
 
 
 def test_tiff_writer_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -150,8 +158,11 @@ def test_zarr_writer_round_trip(tmp_path: Path, positions: int) -> None:
     np.testing.assert_array_equal(data[1, 0], stack)
     assert data[0].max() == 0
     assert meta["model"] == META and meta["layout"]["positions"] == positions
-    image_group = writer.path if positions == 1 else writer.path / f"p{positions - 1:03d}"
+    image_group = writer.path if positions == 1 else writer.path / str(positions - 1)
     ome = json.loads((image_group / "zarr.json").read_text())["attributes"]["ome"]
+    window = ome["omero"]["channels"][0]["window"]  # from the data, not 0-65535
+    lo, start, end, hi = (window[k] for k in ("min", "start", "end", "max"))
+    assert stack.min() <= lo <= start < end <= hi <= stack.max() and hi > 90
     axes = [a["name"] for a in ome["multiscales"][0]["axes"]]
     assert axes == ["t", "c", "z", "y", "x"]
     scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]

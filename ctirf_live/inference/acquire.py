@@ -2,7 +2,8 @@
 
 `acquire` runs a useq sequence (as pymmcore-widgets saves it) on a loaded core with two
 outputs: pymmcore-plus's own raw sink (`DIR/raw.ome.tiff|zarr`) and a `LiveProcessor`
-writing `DIR/ctirf.ome.tiff|zarr`; `DIR/summary.json` records what happened (status
+writing `DIR/ctirf.ome.tiff|zarr` (several positions in OME-TIFF: `DIR/raw/raw_p000.ome.tiff`
+and `DIR/ctirf/ctirf_p000.ome.tiff`, ...); `DIR/summary.json` records what happened (status
 `running` while the run goes on, so a killed run is recognisable). The MDA runs on its
 own thread, so Ctrl-C in the caller cancels it cleanly: the caller waits for the MDA's
 real end (pymmcore-plus closes the raw store), then finishes or counts the queue.
@@ -33,6 +34,8 @@ from ctirf_live.inference.live import LiveProcessor, LiveStats
 from ctirf_live.inference.rawstore import count_raw_frames
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 from ctirf_live.inference.writers import (
+    RAW_STEM,
+    RESULT_STEM,
     make_result_writer,
     raw_output_path,
     result_output_path,
@@ -212,7 +215,10 @@ def acquire(
     t_start = time.perf_counter()
     out = Path(out_dir)
     raw_path, ctirf_path = raw_output_path(out, fmt), result_output_path(out, fmt)
-    _check_outputs([raw_path, raw_path.with_name("raw"), ctirf_path], overwrite)
+    _check_outputs(
+        [raw_path, raw_path.with_name(RAW_STEM), ctirf_path, ctirf_path.with_name(RESULT_STEM)],
+        overwrite,
+    )
     sequence = fit_channels(sequence, core)
     _check_model_fits(sequence, restorer)
     if limits is not None:
@@ -261,7 +267,7 @@ def acquire(
     result = AcquireResult(
         out_dir=out,
         raw_path=raw_path if raw_path.exists() else raw_path.with_name("raw"),
-        ctirf_path=ctirf_path,
+        ctirf_path=writer.path,
         summary_path=summary_path,
         stats=stats,
         frames_expected=expected,

@@ -5,9 +5,11 @@ as an `output=` of `core.mda.run`. It writes on its own thread and is never touc
 the processing, so a model crash cannot cost raw data.
 
 cTIRF results go to a second store with the raw store's dimensions, in OME order
-`[t][c][z]yx` (channels: only the processed ones), float32 in the input's intensity
-scale, one image per stage position (each (p, g) pair of the events, so grid
-sub-sequences on positions work), with the model and PSF metadata
+`[t][c][z]yx` (channels: only the processed ones, named `cTIRF <preset>`), float32 in
+the input's intensity scale, one image per stage position (each (p, g) pair of the
+events, so grid sub-sequences on positions work), laid out and named as the raw store
+(`ctirf.ome.tiff` or `ctirf/ctirf_p000.ome.tiff`, ...; Zarr series named after the
+positions, see `naming`), with the model and PSF metadata
 (`Restorer.describe()`) as JSON under the `ctirf` key. Both writers are random access,
 so skipped frames (preview policy) stay zero; which planes hold a result is recorded on
 close as a `processed` mask (one "0"/"1" per plane in `[t][c][z]` order, per position)
@@ -18,7 +20,8 @@ in that JSON. Both are readable at any moment of a run, including after a crash:
   calls at their plane's offset. Never a memory map: storing into a mapped file on a
   full disk kills the process with SIGBUS, while `pwrite` raises OSError(ENOSPC).
 - `OmeZarrResultWriter`: OME-Zarr v0.5 created with yaozarrs, written with tensorstore,
-  one chunk per plane (each write is a complete chunk file).
+  one chunk per plane (each write is a complete chunk file). On close, each channel's
+  display window (omero) is set from the data written, so viewers do not show black.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from ctirf_live.data.tiff import KEY, NAMESPACE, atomic_write_json, read_ome_tiff
+from ctirf_live.inference.naming import (
+    ctirf_channel_name,
+    position_files,
+    position_names,
+    tiff_stem,
+)
 
 Format = Literal["ome-tiff", "ome-zarr"]
 SUFFIXES: dict[str, str] = {"ome-tiff": ".ome.tiff", "ome-zarr": ".ome.zarr"}
@@ -56,7 +65,8 @@ def raw_output_path(out_dir: str | Path, fmt: str = "ome-tiff") -> Path:
 
 
 def result_output_path(out_dir: str | Path, fmt: str = "ome-tiff") -> Path:
-    """Where the cTIRF store goes (a folder of per-position files for multi-position TIFF)."""
+    """Where the cTIRF store goes; a multi-position OME-TIFF store becomes the folder
+    `ctirf/` of `ctirf_p000.ome.tiff`, ... (as the raw store's `raw/`)."""
     return Path(out_dir) / f"{RESULT_STEM}{SUFFIXES[check_format(fmt)]}"
 
 
@@ -95,6 +105,7 @@ class ResultLayout:
     channel_index: Mapping[int, int]
     channel_names: tuple[str, ...]
     pixel_size_um: float | None = None
+    position_names: tuple[str, ...] = ()
     z_step_um: float | None = None
     t_interval_s: float | None = None
 
@@ -142,16 +153,18 @@ class ResultLayout:
             elif extent[ax] > 0:
                 axes.append(ax)
                 dims.append(extent[ax])
+        position_keys = tuple(keys) or ((0, 0),)
         z_step = getattr(sequence.z_plan, "step", None) if sequence.z_plan else None
         interval = getattr(sequence.time_plan, "interval", None) if sequence.time_plan else None
         return cls(
             axes=tuple(axes),
             sizes=tuple(dims),
             frame_shape=(int(frame_shape[-2]), int(frame_shape[-1])),
-            position_keys=tuple(keys) or ((0, 0),),
+            position_keys=position_keys,
             channel_index={src: dst for dst, src in enumerate(keep)},
             channel_names=tuple(names[i] for i in keep),
             pixel_size_um=pixel_size_um,
+            position_names=tuple(position_names(sequence, frame_shape, len(position_keys))),
             z_step_um=float(z_step) if z_step else None,
             t_interval_s=interval.total_seconds() if interval is not None else None,
         )
@@ -194,8 +207,7 @@ class ResultLayout:
         result = np.asarray(result)
         if result.shape[-2:] != self.frame_shape:
             raise ValueError(
-                f"result of shape {result.shape} does not fit the store's "
-                f"{self.frame_shape} frames"
+                f"result of shape {result.shape} does not fit the store's {self.frame_shape} frames"
             )
         pos = self.position(index)
         base = {ax: int(index.get(ax, 0)) for ax in self.axes}
@@ -223,6 +235,7 @@ class ResultLayout:
             "axes": "".join(self.axes) + "yx",
             "shape": list(self.shape),
             "positions": self.positions,
+            "position_names": list(self.position_names),
             "channels": list(self.channel_names),
             "pixel_size_um": self.pixel_size_um,
             "z_step_um": self.z_step_um,
@@ -248,7 +261,7 @@ def _store_metadata(
 
 class _BaseResultWriter:
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
-        self.path = Path(path)
+        self.path = self.requested = Path(path)
         self.overwrite = overwrite
         self.layout: ResultLayout | None = None
         self.frames_written = 0
@@ -262,8 +275,9 @@ class _BaseResultWriter:
         channels: Sequence[str],
         pixel_size_um: float | None,
     ) -> ResultLayout:
-        if self.path.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.path} exists; choose another output or pass --overwrite")
+        for target in self.targets():
+            if target.exists() and not self.overwrite:
+                raise FileExistsError(f"{target} exists; choose another output or pass --overwrite")
         self.layout = ResultLayout.from_sequence(sequence, frame_shape, channels, pixel_size_um)
         self._done = [np.zeros(self.layout.planes, bool) for _ in range(self.layout.positions)]
         self.frames_written = 0
@@ -275,6 +289,10 @@ class _BaseResultWriter:
         if not self._done[pos][flat]:
             self._done[pos][flat] = True
             self.frames_written += 1
+
+    def targets(self) -> list[Path]:
+        """Every path this store may occupy (checked before, replaced on overwrite)."""
+        return [self.requested]
 
     @property
     def planes_total(self) -> int:
@@ -292,7 +310,8 @@ class _BaseResultWriter:
 
 
 class OmeTiffResultWriter(_BaseResultWriter):
-    """cTIRF results as OME-TIFF (one file, or a folder with one per position), pwrite'd."""
+    """cTIRF results as OME-TIFF, pwrite'd: one file, or for several positions a folder
+    named after the file's stem with `<stem>_p000.ome.tiff`, ... (as the raw store)."""
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         super().__init__(path, overwrite=overwrite)
@@ -316,18 +335,18 @@ class OmeTiffResultWriter(_BaseResultWriter):
 
         self.close()
         layout = self._layout(sequence, frame_shape, channels, pixel_size_um)
-        if self.path.is_dir():
-            shutil.rmtree(self.path)
-        if layout.positions == 1:
-            self.files = [self.path]
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.files = [self.path / f"p{i:03d}.ome.tiff" for i in range(layout.positions)]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for target in self.targets():
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        self.path, self.files = position_files(self.requested, layout.positions)
+        self.files[0].parent.mkdir(parents=True, exist_ok=True)
         self._meta = _store_metadata(layout, sequence, metadata)
         nbytes = layout.planes * layout.plane_bytes
         for i, file in enumerate(self.files):
-            ome = self._ome(layout, {**self._meta, "position": i, "processed": "pending"})
+            meta = {**self._meta, "position": i, "processed": "pending"}
+            ome = self._ome(layout, meta, i)
             file.unlink(missing_ok=True)
             offset, _ = tifffile.imwrite(
                 file,
@@ -342,10 +361,15 @@ class OmeTiffResultWriter(_BaseResultWriter):
             self._offsets.append(int(offset))
             self._fds.append(os.open(file, os.O_RDWR))
 
+    def targets(self) -> list[Path]:
+        """The single-position file and the multi-position folder."""
+        return [self.requested, self.requested.with_name(tiff_stem(self.requested))]
+
     @staticmethod
-    def _ome(layout: ResultLayout, meta: dict[str, Any]) -> dict[str, Any]:
+    def _ome(layout: ResultLayout, meta: dict[str, Any], position: int) -> dict[str, Any]:
         ome: dict[str, Any] = {"axes": "".join(a.upper() for a in layout.axes) + "YX"}
-        ome["Name"] = "cTIRF"
+        multi = layout.positions > 1 and position < len(layout.position_names)
+        ome["Name"] = layout.position_names[position] if multi else "cTIRF"
         if layout.pixel_size_um:
             px = float(layout.pixel_size_um)
             ome.update(PhysicalSizeX=px, PhysicalSizeXUnit="µm")
@@ -355,7 +379,7 @@ class OmeTiffResultWriter(_BaseResultWriter):
         if layout.t_interval_s and "t" in layout.axes:
             ome.update(TimeIncrement=float(layout.t_interval_s), TimeIncrementUnit="s")
         if layout.channel_names:
-            ome["Channel"] = {"Name": [f"cTIRF {n}" for n in layout.channel_names]}
+            ome["Channel"] = {"Name": [ctirf_channel_name(n) for n in layout.channel_names]}
         ome["MapAnnotation"] = {
             "Namespace": NAMESPACE,
             "Value": {KEY: json.dumps(meta, default=str)},
@@ -414,6 +438,8 @@ class OmeZarrResultWriter(_BaseResultWriter):
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         super().__init__(path, overwrite=overwrite)
         self._arrays: list[Any] = []
+        self._groups: list[Path] = []
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
 
     def open(
         self,
@@ -434,18 +460,20 @@ class OmeZarrResultWriter(_BaseResultWriter):
         spec = (layout.shape, "float32")
         chunks = (*(1 for _ in layout.sizes), *layout.frame_shape)
         common = dict(chunks=chunks, writer="tensorstore", overwrite=True, compression="none")
+        self._windows = {}
         if layout.positions == 1:
             _, arrays = prepare_image(
                 self.path, image, spec, extra_attributes={KEY: meta}, **common
             )
-            self._arrays = [arrays["0"]]
+            self._arrays, self._groups = [arrays["0"]], [self.path]
         else:
             builder = Bf2RawBuilder(self.path, **common)
-            names = [f"p{i:03d}" for i in range(layout.positions)]
+            names = list(layout.position_names)
             for name in names:
                 builder.add_series(name, image, [spec])
             _, arrays = builder.prepare()
             self._arrays = [arrays[f"{name}/0"] for name in names]
+            self._groups = [self.path / name for name in names]
             self._set_attributes(meta)
 
     def _set_attributes(self, meta: Mapping[str, Any]) -> None:
@@ -479,7 +507,7 @@ class OmeZarrResultWriter(_BaseResultWriter):
             window = v05.OmeroWindow(min=0.0, max=65535.0, start=0.0, end=65535.0)
             omero = v05.Omero(
                 channels=[
-                    v05.OmeroChannel(label=f"cTIRF {n}", color="FFFFFF", window=window)
+                    v05.OmeroChannel(label=ctirf_channel_name(n), color="FFFFFF", window=window)
                     for n in layout.channel_names
                 ]
             )
@@ -496,13 +524,49 @@ class OmeZarrResultWriter(_BaseResultWriter):
         ]
         for f in futures:
             f.result()
-        for idx, _ in planes:
+        for idx, plane in planes:
             self._mark(pos, idx)
+            self._extend_window(pos, idx, plane)
+
+    def _extend_window(self, pos: int, idx: tuple[int, ...], plane: np.ndarray) -> None:
+        """Track each image's and channel's (min, 0.1th pct, 99.9th pct, max) so far."""
+        assert self.layout is not None
+        c = idx[self.layout.axes.index("c")] if "c" in self.layout.axes else 0
+        finite = plane[::4, ::4][np.isfinite(plane[::4, ::4])]
+        if finite.size == 0:
+            return
+        lo, hi = np.percentile(finite, (0.1, 99.9))
+        now = np.array([finite.min(), lo, hi, finite.max()], np.float64)
+        old = self._windows.get((pos, c))
+        self._windows[pos, c] = (
+            now
+            if old is None
+            else np.concatenate([np.minimum(old[:2], now[:2]), np.maximum(old[2:], now[2:])])
+        )
+
+    def _set_windows(self) -> None:
+        """Write the display windows found in the data into each image's omero metadata."""
+        for pos, group in enumerate(self._groups):
+            doc = json.loads((group / "zarr.json").read_text())
+            channels = doc.get("attributes", {}).get("ome", {}).get("omero", {}).get("channels")
+            for (p, c), (vmin, lo, hi, vmax) in self._windows.items():
+                if p == pos and channels and c < len(channels):
+                    end = hi if hi > lo else vmax
+                    channels[c]["window"] = {
+                        "min": float(vmin),
+                        "max": float(vmax),
+                        "start": float(lo),
+                        "end": float(end),
+                    }
+            atomic_write_json(group / "zarr.json", doc)
 
     def close(self) -> None:
-        """Release the arrays (every write already completed) and record what was processed."""
+        """Release the arrays (every write already completed), record what was processed
+        and set the display windows from the data."""
         if self._arrays:
             self._arrays = []
+            if self._windows:
+                self._set_windows()
             self._set_attributes(self._final_meta())
 
 
@@ -521,12 +585,23 @@ def read_result(path: str | Path, position: int = 0) -> tuple[np.ndarray, dict[s
     path = Path(path)
     if path.name.endswith(".zarr") or (path / "zarr.json").exists():
         return _read_zarr(path, position)
-    file = path if path.is_file() else path / f"p{position:03d}.ome.tiff"
-    data, info = read_ome_tiff(file)
+    data, info = read_ome_tiff(_result_file(path, position))
     layout_shape = info.metadata.get("layout", {}).get("shape")
     if layout_shape and int(np.prod(layout_shape)) == data.size:
         data = data.reshape(layout_shape)
     return data, info.metadata
+
+
+def _result_file(path: Path, position: int) -> Path:
+    """The file of one position: `path` itself, or in its folder (also `ctirf.ome.tiff`
+    given for a multi-position run's `ctirf/`, and the older `ctirf.ome.tiff/p000.ome.tiff`)."""
+    if path.is_file():
+        return path
+    folder = path if path.is_dir() else path.with_name(tiff_stem(path))
+    for name in (f"{tiff_stem(folder)}_p{position:03d}.ome.tiff", f"p{position:03d}.ome.tiff"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no cTIRF image for position {position} in {folder}")
 
 
 def _read_zarr(path: Path, position: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -534,7 +609,10 @@ def _read_zarr(path: Path, position: int) -> tuple[np.ndarray, dict[str, Any]]:
 
     root = json.loads((path / "zarr.json").read_text())
     attrs = root.get("attributes", {})
-    array_path = path / "0" if (path / "0" / "zarr.json").exists() else path / f"p{position:03d}/0"
+    series = attrs.get(KEY, {}).get("layout", {}).get("position_names") or []
+    name = series[position] if position < len(series) else f"p{position:03d}"
+    single = "multiscales" in attrs.get("ome", {})  # else a bioformats2raw group of series
+    array_path = path / "0" if single else path / name / "0"
     store = ts.open(
         {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(array_path)}}
     ).result()
