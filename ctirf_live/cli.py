@@ -39,6 +39,9 @@ ObjectiveOpt = Annotated[
     ),
 ]
 
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="torch CPU threads (default: torch's own)")
+]
 ConfigOpt = Annotated[
     Path,
     typer.Option("--config", "-c", help="Micro-Manager .cfg (acquisition_configs/ctirf_demo.cfg)"),
@@ -210,14 +213,30 @@ def calibrate(
 @app.command()
 @user_errors
 def process(
-    source: Annotated[Path, typer.Argument(help="EPI OME-TIFF (frame, time series or stack)")],
+    source: Annotated[
+        Path,
+        typer.Argument(help="EPI OME-TIFF (frame, time series, stack; every series) or a folder"),
+    ],
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
     output: Annotated[
-        Path, typer.Option("--out", "--output", "-o", help="cTIRF OME-TIFF to write")
+        Path,
+        typer.Option(
+            "--out",
+            "--output",
+            "-o",
+            help="cTIRF OME-TIFF to write (several series: a folder <stem>/<stem>_p000.ome.tiff)",
+        ),
     ],
+    channels: Annotated[
+        str,
+        typer.Option(help="Channels to restore, comma-separated, or all; others are left out"),
+    ] = "EPI",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
     tile: Annotated[int, typer.Option(help="tile size (px, multiple of 32)")] = 512,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file")] = False,
+    threads: ThreadsOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output", metavar="")
+    ] = False,
 ) -> None:
     """Restore an EPI file to cTIRF offline; metadata kept, model recorded."""
     from rich.progress import Progress
@@ -225,16 +244,19 @@ def process(
     from ctirf_live.inference.process import process_file
     from ctirf_live.inference.restorer import Restorer
 
-    restorer = Restorer(model, device=device, tile=tile)
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("cTIRF", total=None)
-        path, warnings = process_file(
-            source,
-            output,
-            restorer,
-            lambda i, n: bar.update(task, completed=i, total=n),
-            overwrite=overwrite,
-        )
+    wanted = [c.strip() for c in channels.split(",") if c.strip()]
+    with _torch_threads(threads):
+        restorer = Restorer(model, device=device, tile=tile)
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("cTIRF", total=None)
+            path, warnings = process_file(
+                source,
+                output,
+                restorer,
+                lambda i, n: bar.update(task, completed=i, total=n),
+                channels=wanted,
+                overwrite=overwrite,
+            )
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     console.print(f"saved {path} (model {restorer.metadata.get('path', model)}, {restorer.device})")
@@ -790,10 +812,14 @@ SIMULATED_OBJECTIVES = ("60X", "100X")
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Limit torch's CPU threads for a block (small tensor ops are faster on one)."""
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Limit torch's CPU threads for a block (small tensor ops are faster on one);
+    None keeps torch's default."""
     import torch
 
+    if n is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

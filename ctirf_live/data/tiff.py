@@ -20,7 +20,14 @@ import tifffile
 
 from ctirf_live.atomic import atomic_write, atomic_write_json
 
-__all__ = ["TiffInfo", "atomic_write_json", "read_ome_tiff", "write_ome_tiff"]
+__all__ = [
+    "TiffInfo",
+    "TiffSeries",
+    "atomic_write_json",
+    "read_ome_series",
+    "read_ome_tiff",
+    "write_ome_tiff",
+]
 
 NAMESPACE = "ctirf-live"
 KEY = "ctirf"
@@ -35,6 +42,16 @@ class TiffInfo:
     z_step_um: float | None = None
     channel_names: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+
+@dataclass
+class TiffSeries:
+    """One OME image (series) of a file: its pixels, where they are stored, and its info."""
+
+    data: np.ndarray
+    info: TiffInfo
+    file: Path
 
 
 def write_ome_tiff(
@@ -81,46 +98,95 @@ def write_ome_tiff(
 
 
 def read_ome_tiff(path: str | Path) -> tuple[np.ndarray, TiffInfo]:
-    """Read a (OME-)TIFF: pixels plus axes, pixel size, z step, channels and ctirf metadata."""
+    """Read a (OME-)TIFF: pixels plus axes, pixel size, z step, channels and ctirf metadata.
+
+    Only the first series; `read_ome_series` reads them all (one per stage position).
+    """
+    first = read_ome_series(path, first_only=True)[0]
+    return first.data, first.info
+
+
+def read_ome_series(path: str | Path, *, first_only: bool = False) -> list[TiffSeries]:
+    """Every series of a TIFF, each with its own OME Image's sizes, channels and name.
+
+    A multi-file OME dataset (pymmcore-plus writes one file per position, each file's
+    OME-XML naming all of them) gives the series of every file it names that exists.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    out: list[TiffSeries] = []
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
             xml = tif.ome_metadata
+            images = _ome_images(xml) if xml else []
+            for i, series in enumerate(tif.series[:1] if first_only else tif.series):
+                info = TiffInfo(axes=series.axes, name=series.name or "")
+                if i < len(images):
+                    _fill_info(images[i], info)
+                if xml:
+                    info.metadata = _ctirf_json(xml)
+                file = Path(series.keyframe.parent.filehandle.path)
+                out.append(TiffSeries(_series_pixels(tif, series, i, file), info, file))
     except (tifffile.TiffFileError, ValueError, OSError) as exc:
         raise ValueError(f"{path} is not a readable TIFF ({exc}); is the file complete?") from None
-    info = TiffInfo(axes=axes)
-    if xml:
-        _parse_ome(xml, info)
-    return data, info
+    return out
 
 
-def _parse_ome(xml: str, info: TiffInfo) -> None:
+def _series_pixels(
+    tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, index: int, file: Path
+) -> np.ndarray:
+    """A series' pixels, read from the file that holds them.
+
+    tifffile reads a companion file's series (a multi-file OME dataset) from the pages
+    of the file it opened, i.e. the wrong pixels: open the companion and read it there.
+    """
+    if file.resolve() == Path(tif.filehandle.path).resolve():
+        return series.asarray()
+    with tifffile.TiffFile(file) as other:
+        own = other.series[index] if index < len(other.series) else None
+        if own is None or Path(own.keyframe.parent.filehandle.path).resolve() != file.resolve():
+            raise ValueError(f"{file} does not hold the series {index} its dataset names")
+        return own.asarray()
+
+
+def _ome_root(xml: str) -> tuple[ET.Element | None, dict[str, str], str]:
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        return
+        return None, {}, ""
     ns = {"ome": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
-    prefix = "ome:" if ns else ""
-    pixels = root.find(f".//{prefix}Pixels", ns)
-    if pixels is not None:
-        if "PhysicalSizeX" in pixels.attrib:
-            info.pixel_size_um = float(pixels.attrib["PhysicalSizeX"])
-        if "PhysicalSizeZ" in pixels.attrib:
-            info.z_step_um = float(pixels.attrib["PhysicalSizeZ"])
-        info.channel_names = [
-            ch.attrib.get("Name", "") for ch in pixels.findall(f"{prefix}Channel", ns)
-        ]
+    return root, ns, "ome:" if ns else ""
+
+
+def _ome_images(xml: str) -> list[ET.Element]:
+    root, ns, prefix = _ome_root(xml)
+    return [] if root is None else root.findall(f"{prefix}Image", ns)
+
+
+def _fill_info(image: ET.Element, info: TiffInfo) -> None:
+    info.name = image.attrib.get("Name", info.name)
+    pixels = next((e for e in image if e.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return
+    if "PhysicalSizeX" in pixels.attrib:
+        info.pixel_size_um = float(pixels.attrib["PhysicalSizeX"])
+    if "PhysicalSizeZ" in pixels.attrib:
+        info.z_step_um = float(pixels.attrib["PhysicalSizeZ"])
+    info.channel_names = [ch.attrib.get("Name", "") for ch in pixels if ch.tag.endswith("Channel")]
+
+
+def _ctirf_json(xml: str) -> dict[str, Any]:
+    root, ns, prefix = _ome_root(xml)
+    if root is None:
+        return {}
     for ann in root.findall(f".//{prefix}MapAnnotation", ns):
         if ann.attrib.get("Namespace") != NAMESPACE:
             continue
         for m in ann.findall(f".//{prefix}M", ns):
             if m.attrib.get("K") == KEY and m.text:
                 try:
-                    info.metadata = json.loads(m.text)
+                    return json.loads(m.text)
                 except json.JSONDecodeError:
-                    info.metadata = {}
+                    return {}
+    return {}

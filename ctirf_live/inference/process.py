@@ -1,21 +1,33 @@
 """Offline processing of image files: OME-TIFF in, cTIRF OME-TIFF out, metadata kept.
 
+Every OME series (image) of the input is restored: pymmcore-plus writes one per stage
+position, as a folder `raw/` of `raw_p000.ome.tiff`, ... whose files each name all of
+them, so the folder or any one of its files gives every position. Only the channels
+asked for are restored (default EPI, matched by name, any case; `all` restores every
+channel); the others are left out of the output, as in `acquire`'s cTIRF store, and
+stay in the input. Output channels are named `cTIRF <channel>` as `acquire` names them.
+One series gives one file at the output path; several give the raw store's layout: a
+folder named after the output's stem with `<stem>_p000.ome.tiff`, ...
+
 Checked before any work: the output never replaces the input, an existing output needs
-`overwrite`, and the axes are ones OME knows. Checked after every plane: the model's
-output is finite (a broken checkpoint gives NaN), so no NaN file is ever written.
+`overwrite`, the axes are ones OME knows and the channels asked for exist. Checked after
+every plane: the model's output is finite (a broken checkpoint gives NaN), so no NaN
+file is ever written.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctirf_live.data.tiff import read_ome_tiff, write_ome_tiff
+from ctirf_live.data.tiff import TiffSeries, read_ome_series, write_ome_tiff
+from ctirf_live.inference.naming import ctirf_channel_name, position_files
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 
 log = logging.getLogger(__name__)
@@ -76,46 +88,143 @@ def process_array(
     return np.moveaxis(out.reshape(moved.shape), -3, z)
 
 
+ALL_CHANNELS = "all"
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass
+class _Job:
+    """One series to restore: its pixels (channels kept), axes and output channel names."""
+
+    series: TiffSeries
+    data: np.ndarray
+    axes: str
+    channels: list[str]
+
+
+def read_sources(source: str | Path) -> list[TiffSeries]:
+    """Every series of a TIFF, or of the TIFFs in a folder (each file's own series)."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in TIFF_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no TIFF files in {source}; pass an OME-TIFF or a folder")
+        return [s for f in files for s in read_ome_series(f) if s.file.resolve() == f.resolve()]
+    return read_ome_series(source)
+
+
+def select_channels(series: TiffSeries, wanted: Sequence[str]) -> _Job:
+    """Keep the channels of `series` named in `wanted` (any case; empty or 'all': every one).
+
+    A file without channel names is restored whole (a plain EPI frame, series or stack).
+    """
+    info, data, axes = series.info, series.data, series.info.axes.upper()
+    check_axes(axes)
+    names = list(info.channel_names)
+    size_c = data.shape[axes.index("C")] if "C" in axes else 1
+    if len(names) != size_c or not any(names):
+        return _Job(series, data, axes, [ctirf_channel_name(n) for n in names if n])
+    want = {w.casefold() for w in wanted}
+    if not want or ALL_CHANNELS in want:
+        keep = list(range(size_c))
+    else:
+        keep = [i for i, n in enumerate(names) if n.casefold() in want]
+    if not keep:
+        label = info.name or series.file.name
+        raise ValueError(
+            f"{label} has channels {', '.join(names)}, none of them {', '.join(wanted)}; "
+            f"pass --channels {names[0]} (or all)"
+        )
+    if "C" in axes:
+        data = np.take(data, keep, axis=axes.index("C"))
+    return _Job(series, data, axes, [ctirf_channel_name(names[i]) for i in keep])
+
+
+def _planes(job: _Job, dims: int) -> int:
+    shape = job.data.shape
+    if dims == 2 or "Z" not in job.axes:
+        return int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    return int(np.prod(shape[:-2])) // shape[job.axes.index("Z")]
+
+
 def process_file(
     source: str | Path,
     output: str | Path,
     restorer: Restorer,
     progress: Callable[[int, int], None] | None = None,
     *,
+    channels: Sequence[str] = ("EPI",),
     overwrite: bool = False,
 ) -> tuple[Path, list[str]]:
-    """Process one TIFF; returns (output path, warnings). Input metadata is carried over."""
+    """Restore every series of a TIFF (or a folder of them); returns (output, warnings).
+
+    The output is the file, or for several series the folder of per-position files.
+    Input metadata is carried over per series.
+    """
     source, output = Path(source), Path(output)
-    if output.resolve() == source.resolve():
+    sources = read_sources(source)
+    store, files = position_files(output, len(sources))
+    inputs = {source.resolve(), *(s.file.resolve() for s in sources)}
+    if store.resolve() in inputs or any(f.resolve() in inputs for f in files):
         raise ValueError(f"the output would replace the input {source}; choose another --out")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    data, info = read_ome_tiff(source)
-    check_axes(info.axes)
+    for target in {store, *files}:
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    jobs = [select_channels(s, channels) for s in sources]
     warnings: list[str] = []
-    if msg := pixel_size_warning(restorer.optics, info.pixel_size_um):
-        warnings.append(msg)
-        log.warning(msg)
-    if restorer.dims == 3 and "Z" in info.axes.upper():
-        restorer.check_stack(data.shape[info.axes.upper().index("Z")], info.z_step_um)
-    result = process_array(data, info.axes, restorer, progress)
+    for job in jobs:
+        info = job.series.info
+        msg = pixel_size_warning(restorer.optics, info.pixel_size_um)
+        if msg and msg not in warnings:
+            warnings.append(msg)
+            log.warning(msg)
+        if restorer.dims == 3 and "Z" in job.axes:
+            restorer.check_stack(job.data.shape[job.axes.index("Z")], info.z_step_um)
+    total = sum(_planes(job, restorer.dims) for job in jobs)
+    done = 0
+
+    def step(i: int, n: int) -> None:
+        if progress:
+            progress(done + i, total)
+
+    results = []
+    for job in jobs:
+        results.append(process_array(job.data, job.axes, restorer, step))
+        done += _planes(job, restorer.dims)
+    for i, (job, result, file) in enumerate(zip(jobs, results, files, strict=True)):
+        _write(job, result, file, source, restorer, warnings, i if len(files) > 1 else None)
+    return store, warnings
+
+
+def _write(
+    job: _Job,
+    result: np.ndarray,
+    file: Path,
+    source: Path,
+    restorer: Restorer,
+    warnings: list[str],
+    position: int | None,
+) -> Path:
+    info = job.series.info
     metadata: dict[str, Any] = {
         **info.metadata,
         "ctirf_processing": {
             **restorer.describe(),
-            "source": str(Path(source).resolve()),
+            "source": str(job.series.file.resolve()),
+            "series": info.name,
+            "channels": job.channels,
             "processed": datetime.now(timezone.utc).isoformat(),
             "warnings": warnings,
         },
     }
-    path = write_ome_tiff(
-        output,
+    name = info.name if position is not None and info.name else f"cTIRF of {source.name}"
+    return write_ome_tiff(
+        file,
         result,
-        info.axes,
+        job.axes,
         pixel_size_um=info.pixel_size_um,
         z_step_um=info.z_step_um,
-        channel_names=[f"cTIRF({c})" for c in info.channel_names] or None,
+        channel_names=job.channels or None,
         metadata=metadata,
-        name=f"cTIRF of {Path(source).name}",
+        name=name,
     )
-    return path, warnings
