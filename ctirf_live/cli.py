@@ -19,9 +19,11 @@ import typer
 from rich.console import Console
 
 from ctirf_live import __version__
+from ctirf_live.clihelp import FlagCommand, FlagGroup
 
 app = typer.Typer(
     name="ctirf",
+    cls=FlagGroup,
     help="Computational TIRF (cTIRF) in the acquisition loop.",
     no_args_is_help=True,
     add_completion=False,
@@ -39,6 +41,14 @@ ObjectiveOpt = Annotated[
     ),
 ]
 
+TileOpt = Annotated[int, typer.Option(help="tile size (px, multiple of 32)")]
+PolicyOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="record|preview",
+        help="record: every frame (spills to disk); preview: newest frame wins (any case)",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None, typer.Option(min=1, help="torch CPU threads (default: torch's own)")
 ]
@@ -102,7 +112,7 @@ def _main(
     """Computational TIRF (cTIRF) in the acquisition loop."""
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def snap(
     config: ConfigOpt,
@@ -135,7 +145,7 @@ def _preset(mode: str, rig: Any) -> str:
     return matches[0] if len(matches) == 1 else mode
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def calibrate(
     config: ConfigOpt,
@@ -210,7 +220,7 @@ def calibrate(
     console.print(f"dataset: {summary['folder']}", soft_wrap=True, highlight=False)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def process(
     source: Annotated[
@@ -232,10 +242,10 @@ def process(
         typer.Option(help="Channels to restore, comma-separated, or all; others are left out"),
     ] = "EPI",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
-    tile: Annotated[int, typer.Option(help="tile size (px, multiple of 32)")] = 512,
+    tile: TileOpt = 512,
     threads: ThreadsOpt = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output", metavar="")
+        bool, typer.Option("--overwrite", help="Replace an existing output")
     ] = False,
 ) -> None:
     """Restore an EPI file to cTIRF offline; metadata kept, model recorded."""
@@ -325,7 +335,7 @@ def _report_training(result: Any) -> None:
     )
 
 
-@app.command("train")
+@app.command("train", cls=FlagCommand)
 @user_errors
 def train_command(
     out: Annotated[Path, typer.Option("--out", "-o", help=RUN_DIR_HELP)],
@@ -423,7 +433,7 @@ def train_command(
     _record_consistency(result.best_path, source)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def distill(
     teacher: Annotated[
@@ -510,7 +520,7 @@ def _stack_side(data: Any) -> int:
     return min(min(s.epi.shape[-2:]) for s in data.stacks)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def finetune(
     data: Annotated[Path, typer.Option(help="Paired dataset folder (ctirf calibrate)")],
@@ -555,7 +565,7 @@ def finetune(
     _record_consistency(result.best_path, source)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def models(
     directory: Annotated[
@@ -600,7 +610,7 @@ def models(
     console.print(table)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def acquire(
     config: ConfigOpt,
@@ -610,13 +620,14 @@ def acquire(
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (raw, ctirf, summary)")],
     objective: ObjectiveOpt = None,
-    policy: Annotated[
-        str, typer.Option(help="record: every frame (spills to disk); preview: newest wins")
-    ] = "record",
-    fmt: Annotated[str, typer.Option("--format", help="ome-tiff or ome-zarr")] = "ome-tiff",
+    policy: PolicyOpt = "record",
+    fmt: Annotated[
+        str, typer.Option("--format", metavar="ome-tiff|ome-zarr", help="Store format (any case)")
+    ] = "ome-tiff",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
     channels: Annotated[str, typer.Option(help="Presets to process, comma-separated")] = "EPI",
-    tile: Annotated[int, typer.Option(help="tile size (px, multiple of 32)")] = 512,
+    tile: TileOpt = 512,
+    threads: ThreadsOpt = None,
     queue_size: Annotated[int, typer.Option("--queue-size", help="Frames held in memory")] = 4,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs in --out")] = False,
 ) -> None:
@@ -639,6 +650,7 @@ def acquire(
     from ctirf_live.inference.restorer import Restorer
     from ctirf_live.inference.writers import check_format
 
+    policy, fmt = policy.lower(), fmt.lower()
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; use record or preview")
     check_format(fmt)
@@ -657,7 +669,11 @@ def acquire(
         ),
         TimeElapsedColumn(),
     )
-    with open_core(config) as core, Progress(*columns, console=console, transient=True) as bar:
+    with (
+        _torch_threads(threads),
+        open_core(config) as core,
+        Progress(*columns, console=console, transient=True) as bar,
+    ):
         rig = check_rig(core, config)
         check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
         task = bar.add_task(
@@ -726,7 +742,7 @@ def acquire(
         raise typer.Exit(130)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def repair(
     path: Annotated[Path, typer.Argument(help="Raw OME-TIFF, folder of them, or a run folder")],
@@ -760,15 +776,15 @@ def _qt_display_problem() -> str | None:
     return None
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def live(
     config: ConfigOpt,
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
-    policy: Annotated[
-        str, typer.Option(help="preview: newest frame wins; record: every frame")
-    ] = "preview",
+    policy: PolicyOpt = "preview",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    tile: TileOpt = 512,
+    threads: ThreadsOpt = None,
     sequence: Annotated[
         Path | None, typer.Option("--sequence", "-s", help="useq sequence for Run MDA")
     ] = None,
@@ -781,6 +797,7 @@ def live(
     from ctirf_live.inference.acquire import resolve_device
     from ctirf_live.inference.backlog import POLICIES
 
+    policy = policy.lower()
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; use preview or record")
     problem = _qt_display_problem()
@@ -795,15 +812,17 @@ def live(
     device, warning = resolve_device(device)
     if warning:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    code = run_live_window(
-        config,
-        model,
-        policy,
-        device=device,
-        sequence_path=sequence,
-        output_dir=out,
-        objective=objective,
-    )
+    with _torch_threads(threads):
+        code = run_live_window(
+            config,
+            model,
+            policy,
+            device=device,
+            sequence_path=sequence,
+            output_dir=out,
+            objective=objective,
+            tile=tile,
+        )
     if code:
         raise typer.Exit(code)
 
@@ -939,7 +958,7 @@ def _evaluate_adaptation(
     console.print(f"wrote {out / 'adaptation.json'} and {out / 'adaptation.png'}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint, run folder or name")],
@@ -1180,7 +1199,7 @@ def _evaluate_axial(
     console.print(f"wrote {out / 'axial.json'} and axial_xz.png", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=FlagCommand)
 @user_errors
 def demo(
     out: Annotated[

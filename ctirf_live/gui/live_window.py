@@ -687,9 +687,10 @@ def run_live_window(
     sequence_path: Path | None = None,
     output_dir: Path | None = None,
     objective: str | None = None,
+    tile: int = 512,
 ) -> int:
     """Open the rig on `objective` (default: the active one), check the model was trained
-    for its optics, and run the live window; returns the Qt exit code."""
+    for its optics, and run the live window (`tile`-px tiles); returns the Qt exit code."""
     from ctirf_live.acquisition.core import check_rig, open_core
     from ctirf_live.acquisition.objective import check_model_optics, select_objective
     from ctirf_live.inference.live import LiveProcessor
@@ -697,7 +698,7 @@ def run_live_window(
     # psygnal core events: processing and acquisition never wait for the GUI thread
     os.environ.setdefault("PYMM_SIGNALS_BACKEND", "psygnal")
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    restorer = Restorer(model, device=device)
+    restorer = Restorer(model, device=device, tile=tile)
     with open_core(config) as core:
         rig = check_rig(core, config)
         check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
