@@ -372,6 +372,9 @@ def train_command(
         typer.Option(help="Attention upsampling at 1/16 -> 1/8 too (EViT-UNet reference)"),
     ] = True,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    keep_resume: Annotated[
+        bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
 ) -> None:
     """Train ET2dNet from scratch on paired EPI/TIRF frames (safe to interrupt and rerun)."""
@@ -428,6 +431,7 @@ def train_command(
         device=device,
         baseline=baseline,
         resume=resume,
+        keep_resume=keep_resume,
     )
     _report_training(result)
     _record_consistency(result.best_path, source)
@@ -462,6 +466,9 @@ def distill(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 2)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, split and initialisation")] = 0,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    keep_resume: Annotated[
+        bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
 ) -> None:
     """Train ET3dNet on EPI z-stacks from a frozen ET2dNet teacher (paper Section 2.3)."""
@@ -511,6 +518,7 @@ def distill(
         variant=variant,
         device=device,
         resume=resume,
+        keep_resume=keep_resume,
     )
     _report_training(result)
 
@@ -539,6 +547,9 @@ def finetune(
         bool, typer.Option(help="Ablation: no self-supervised (reconstructed EPI) branch")
     ] = False,
     resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
+    keep_resume: Annotated[
+        bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
 ) -> None:
     """Fine-tune a trained model to a microscope's pairs; the PSF follows the data's optics."""
@@ -559,7 +570,14 @@ def finetune(
         soft_wrap=True,
     )
     result = run_finetune(
-        from_, source, settings, out, device=device, baseline=baseline, resume=resume
+        from_,
+        source,
+        settings,
+        out,
+        device=device,
+        baseline=baseline,
+        resume=resume,
+        keep_resume=keep_resume,
     )
     _report_training(result)
     _record_consistency(result.best_path, source)

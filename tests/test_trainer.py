@@ -226,3 +226,28 @@ def test_cli_train_bad_input_is_one_line(tmp_path: Path, case: str, fragment: st
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_a_finished_run_drops_its_resume_state_unless_kept(
+    pairs: PairSource, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ctirf_live.training.trainer import FINISHED, RESUME
+
+    train_src, val_src = pairs.subset([0, 1]), pairs.subset([2])
+    kwargs = {"device": "cpu", "samples_per_epoch": 2}
+    done = train(_model(pairs.optics), train_src, val_src, _settings(), tmp_path / "a", **kwargs)
+    assert not (tmp_path / "a" / RESUME).exists() and (tmp_path / "a" / FINISHED).is_file()
+    # output is not a terminal here: one plain line per epoch instead of a progress bar
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3 and "val MS-SSIM" in lines[0]
+    again = train(_model(pairs.optics), train_src, val_src, _settings(), tmp_path / "a", **kwargs)
+    assert any("already holds the finished run" in n for n in again.notes)
+    assert again.history == done.history
+    with pytest.raises(TrainError, match="differs in settings"):
+        train(_model(pairs.optics), train_src, val_src, _settings(lr=1e-3), tmp_path / "a",
+              **kwargs)  # fmt: skip
+    kept = train(
+        _model(pairs.optics), train_src, val_src, _settings(), tmp_path / "k",
+        keep_resume=True, **kwargs,
+    )  # fmt: skip
+    assert (tmp_path / "k" / RESUME).is_file() and len(kept.history) == 3

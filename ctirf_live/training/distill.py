@@ -79,6 +79,7 @@ def distill(
     progress: bool = True,
     samples_per_epoch: int | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    keep_resume: bool = False,
 ) -> TrainResult:
     """Train an ET3dNet student on `train_stacks` from a frozen ET2dNet `teacher`.
 
@@ -116,5 +117,6 @@ def distill(
         init_from=teacher_name,
         supervise="g",
         stack=stack,
+        keep_resume=keep_resume,
     )
     return run.fit(resume, progress, 0, None, on_epoch)

@@ -58,6 +58,7 @@ from ctirf_live.training.losses import HybridLoss, structural_similarity
 BEST = "best.safetensors"
 LAST = "last.safetensors"
 RESUME = "resume.state"
+FINISHED = "finished.json"  # what is left of the resume state once a run completes
 METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
 RESUME_KEY = "ctirf_resume"
@@ -152,6 +153,7 @@ def train(
     samples_per_epoch: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    keep_resume: bool = False,
 ) -> TrainResult:
     """Train `model` on `train_source`, select by `val_source`, write the run to `out`.
 
@@ -186,6 +188,7 @@ def train(
         samples_per_epoch,
         kind="train",
         init_from=init,
+        keep_resume=keep_resume,
     )
     result = run.fit(resume, progress, log_every, on_step, on_epoch)
     result.notes[:0] = notes
@@ -206,6 +209,7 @@ def finetune(
     samples_per_epoch: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    keep_resume: bool = False,
 ) -> TrainResult:
     """Fine-tune a checkpoint (path, model folder or shipped name) on `source`.
 
@@ -236,6 +240,7 @@ def finetune(
         samples_per_epoch,
         kind="finetune",
         init_from=str(path),
+        keep_resume=keep_resume,
     )
     result = run.fit(resume, progress, log_every, on_step, on_epoch)
     result.notes[:0] = notes
@@ -346,6 +351,7 @@ class _Run:
         init_from: str | None,
         supervise: str = "ctirf",
         stack: dict[str, Any] | None = None,
+        keep_resume: bool = False,
     ) -> None:
         if len(train_source) == 0:
             raise TrainError(f"{train_source.description}: no training pairs")
@@ -353,6 +359,7 @@ class _Run:
         # itself against a teacher's g on the input's scale (distill)
         self.supervise = supervise
         self.stack = stack
+        self.keep_resume = keep_resume
         self.settings = settings
         self.out = out
         self.baseline = baseline
@@ -483,16 +490,7 @@ class _Run:
             raise TrainError(
                 f"{path} is unreadable ({exc}); delete it or pass resume=False (--no-resume)"
             ) from None
-        if header["fingerprint"] != self.fingerprint:
-            changed = sorted(
-                k
-                for k in set(header["fingerprint"]) | set(self.fingerprint)
-                if header["fingerprint"].get(k) != self.fingerprint.get(k)
-            )
-            raise TrainError(
-                f"{self.out} holds a different run (differs in {', '.join(changed)}); "
-                "use another output folder or start over with --no-resume"
-            )
+        self._check_same_run(header["fingerprint"])
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         check_state_dict(self.model, weights)
         state: dict[int, dict[str, Any]] = {}
@@ -526,8 +524,54 @@ class _Run:
             atomic_write(steps, lambda tmp: tmp.write_text(text))
 
     def _start_fresh(self) -> None:
-        for name in (RESUME, METRICS, STEPS):
+        for name in (RESUME, METRICS, STEPS, FINISHED):
             (self.out / name).unlink(missing_ok=True)
+
+    def _finish(self) -> None:
+        """A completed run keeps a small record instead of its resume state (optimizer
+        moments and weights, ~80 MB for S0), unless asked to keep it."""
+        if self.keep_resume:
+            return
+        record = {
+            "fingerprint": self.fingerprint,
+            "history": self.history,
+            "best_loss": self.best_loss,
+            "step": self.step,
+        }
+        atomic_write(
+            self.out / FINISHED,
+            lambda tmp: tmp.write_text(json.dumps(_json_roundtrip(record), indent=1)),
+        )
+        (self.out / RESUME).unlink(missing_ok=True)
+
+    def _check_same_run(self, theirs: dict[str, Any]) -> None:
+        """Refuse to resume a run recorded with another fingerprint, naming what differs."""
+        if theirs == self.fingerprint:
+            return
+        changed = sorted(
+            k
+            for k in set(theirs) | set(self.fingerprint)
+            if theirs.get(k) != self.fingerprint.get(k)
+        )
+        raise TrainError(
+            f"{self.out} holds a different run (differs in {', '.join(changed)}); "
+            "use another output folder or start over with --no-resume"
+        )
+
+    def _load_finished(self) -> bool:
+        """Whether `out` holds this very run, completed (its resume state already gone)."""
+        path = self.out / FINISHED
+        if not path.is_file() or (self.out / RESUME).is_file():
+            return False
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        self._check_same_run(record.get("fingerprint") or {})
+        self.history = record["history"]
+        self.best_loss = float(record["best_loss"])
+        self.step = int(record["step"])
+        return True
 
     # ------------------------------------------------------------------------ loop
 
@@ -541,7 +585,7 @@ class _Run:
     ) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         notes: list[str] = []
-        if resume and self._load_resume_state():
+        if resume and (self._load_resume_state() or self._load_finished()):
             done = len(self.history)
             if done >= self.settings.epochs:
                 notes.append(
@@ -553,23 +597,26 @@ class _Run:
             console.print(notes[-1], highlight=False)
         else:
             self._start_fresh()
-        bar = _progress_bar(progress)
+        bar = _progress_bar(progress and console.is_terminal)
         try:
             with bar:
                 task = bar.add_task(
                     "train",
                     total=self.total_steps,
                     completed=self.step,
-                    loss=math.nan,
+                    loss=self.history[-1]["train_loss"] if self.history else 0.0,
                     epoch=f"{len(self.history)}/{self.settings.epochs}",
                 )
                 for epoch in range(len(self.history), self.settings.epochs):
                     record = self._epoch(epoch, bar, task, log_every, on_step)
+                    if progress and not console.is_terminal:
+                        console.print(_epoch_line(record, self.settings.epochs), highlight=False)
                     if on_epoch is not None:
                         on_epoch(record)
         except KeyboardInterrupt:
             self._report_interrupt()
             raise
+        self._finish()
         return self._result(notes)
 
     def _result(self, notes: list[str]) -> TrainResult:
@@ -709,6 +756,17 @@ class _Run:
         )
 
 
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One log line per epoch, for output that is not a terminal (no progress bar there)."""
+    val = record.get("val_loss")
+    tail = "" if val is None else f", val loss {val:.4f}, val MS-SSIM {record['val_ms_ssim']:.4f}"
+    best = " (best)" if record.get("best") else ""
+    return (
+        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}{tail}, "
+        f"{record['seconds']:.0f} s{best}"
+    )
+
+
 def _progress_bar(show: bool) -> Any:
     from rich.progress import (
         BarColumn,
@@ -730,5 +788,3 @@ def _progress_bar(show: bool) -> Any:
         console=console,
         disable=not show,
     )
-
-
