@@ -68,3 +68,22 @@ def test_registration_shift_applied_on_read(tmp_path: Path) -> None:
     assert np.unravel_index(np.argmax(epi), epi.shape) == (12, 9)
     assert np.unravel_index(np.argmax(tirf), tirf.shape) == (10, 12)
     np.testing.assert_allclose(apply_shift(epi, (-2.0, 3.0)).max(), 1000, rtol=0.05)
+
+
+def test_pair_files_carry_objective_modes_and_date_for_fiji(tmp_path) -> None:
+    import ome_types
+    import tifffile
+
+    from ctirf_live.config import Optics
+
+    ds = PairedDataset.create(tmp_path / "ds", Optics(objective="100X", na=1.45))
+    frame = np.full((32, 32), 100, np.uint16)
+    rec = ds.add_pair(frame, frame, {"x": 0.0, "y": 0.0}, (0.0, 0.0), 1.0)
+    xml = tifffile.tiffcomment(ds.folder / rec.file)
+    ome_types.validate_xml(xml)
+    ome = ome_types.from_xml(xml)
+    assert ome.instruments[0].objectives[0].lens_na == 1.45
+    assert ome.instruments[0].objectives[0].nominal_magnification == 100
+    modes = [c.acquisition_mode.value for c in ome.images[0].pixels.channels]
+    assert modes == ["WideField", "TotalInternalReflection"]
+    assert ome.images[0].acquisition_date is not None

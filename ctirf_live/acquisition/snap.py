@@ -82,4 +82,8 @@ def save_snap(path: str | Path, image: np.ndarray, metadata: dict[str, Any]) -> 
         channel_names=[metadata["mode"]],
         metadata=metadata,
         name=f"ctirf snap {metadata['mode']}",
+        optics=Optics(**metadata["optics"]),
+        modes=[metadata["mode"]],
+        exposure_ms=metadata.get("exposure_ms"),
+        acquired=datetime.fromisoformat(metadata["timestamp"]),
     )

@@ -209,6 +209,9 @@ class PairedDataset:
             channel_names=list(CHANNELS),
             metadata={"pair": asdict(record), "optics": self.manifest["optics"]},
             name=record.file,
+            optics=self.optics,
+            modes=list(CHANNELS),
+            acquired=datetime.fromisoformat(record.timestamp),
         )
         self.pairs.append(record)
         self.save_manifest()

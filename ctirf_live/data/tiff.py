@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 import tifffile
 
 from ctirf_live.atomic import atomic_write, atomic_write_json
+from ctirf_live.config import Optics
 
 __all__ = [
     "TiffInfo",
@@ -64,8 +67,19 @@ def write_ome_tiff(
     channel_names: list[str] | None = None,
     metadata: dict[str, Any] | None = None,
     name: str | None = None,
+    optics: Optics | None = None,
+    modes: Sequence[str] | None = None,
+    exposure_ms: float | None = None,
+    acquired: datetime | None = None,
 ) -> Path:
-    """Write `data` (axes such as 'YX', 'CYX', 'ZYX', 'TZCYX') as an OME-TIFF, atomically."""
+    """Write `data` (axes such as 'YX', 'CYX', 'ZYX', 'TZCYX') as an OME-TIFF, atomically.
+
+    With `optics`, the OME metadata a microscopist expects: the objective (NA,
+    immersion, magnification) as an Instrument, each channel's emission/excitation
+    wavelength, and per channel in `modes` (EPI, TIRF) its AcquisitionMode; `exposure_ms`
+    goes to every Plane, `acquired` to AcquisitionDate. The TIFF resolution tags carry
+    the pixel size in micrometres, so plain ImageJ and tifffile readers show the scale.
+    """
     path = Path(path)
     data = np.asarray(data)
     if data.ndim != len(axes):
@@ -74,27 +88,89 @@ def write_ome_tiff(
     if name:
         ome["Name"] = name
     if pixel_size_um:
-        ome.update(
-            PhysicalSizeX=float(pixel_size_um),
-            PhysicalSizeXUnit="µm",
-            PhysicalSizeY=float(pixel_size_um),
-            PhysicalSizeYUnit="µm",
-        )
+        # micrometres are OME's default unit: no unit attribute keeps the XML 7-bit ASCII,
+        # which the TIFF description (edited in place for the instrument) must be
+        ome.update(PhysicalSizeX=float(pixel_size_um), PhysicalSizeY=float(pixel_size_um))
     if z_step_um and "Z" in axes:
-        ome.update(PhysicalSizeZ=float(z_step_um), PhysicalSizeZUnit="µm")
-    if channel_names:
-        ome["Channel"] = {"Name": list(channel_names)}
+        ome.update(PhysicalSizeZ=float(z_step_um))
+    n_channels = data.shape[axes.index("C")] if "C" in axes else 1
+    channel = _channel_fields(channel_names, modes, optics, n_channels)
+    if channel:
+        ome["Channel"] = channel
+    if exposure_ms is not None:
+        planes = int(np.prod([n for a, n in zip(axes, data.shape, strict=True) if a in "TZC"]))
+        ome["Plane"] = {
+            "ExposureTime": [float(exposure_ms)] * planes,
+            "ExposureTimeUnit": ["ms"] * planes,
+        }
+    if acquired is not None:
+        ome["AcquisitionDate"] = acquired.replace(tzinfo=None).isoformat(timespec="seconds")
     if metadata:
         ome["MapAnnotation"] = {
             "Namespace": NAMESPACE,
             "Value": {KEY: json.dumps(metadata, default=str)},
         }
+    extra: dict[str, Any] = {}
+    if pixel_size_um:
+        extra = {
+            "resolution": (1.0 / pixel_size_um, 1.0 / pixel_size_um),
+            "resolutionunit": "MICROMETER",
+        }
+
+    def write(tmp: Path) -> None:
+        tifffile.imwrite(tmp, data, ome=True, metadata=ome, photometric="minisblack", **extra)
+        if optics is not None:
+            tifffile.tiffcomment(tmp, _with_instrument(tifffile.tiffcomment(tmp), optics))
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        path,
-        lambda tmp: tifffile.imwrite(tmp, data, ome=True, metadata=ome, photometric="minisblack"),
-    )
+    atomic_write(path, write)
     return path
+
+
+ACQUISITION_MODES = {"EPI": "WideField", "TIRF": "TotalInternalReflection"}
+_IMMERSION = {1.0: "Air", 1.33: "Water", 1.47: "Glycerol", 1.518: "Oil"}
+
+
+def _channel_fields(
+    names: Sequence[str] | None,
+    modes: Sequence[str] | None,
+    optics: Optics | None,
+    n_channels: int,
+) -> dict[str, list]:
+    """OME Channel attributes, one list entry per channel."""
+    out: dict[str, list] = {}
+    if names:
+        out["Name"] = list(names)
+    if modes:
+        if len(modes) != n_channels:
+            raise ValueError(f"{len(modes)} acquisition modes for {n_channels} channels")
+        out["AcquisitionMode"] = [ACQUISITION_MODES.get(m.upper(), "Other") for m in modes]
+    if optics is not None:
+        out["EmissionWavelength"] = [float(optics.emission_wavelength_nm)] * n_channels
+        out["EmissionWavelengthUnit"] = ["nm"] * n_channels
+        out["ExcitationWavelength"] = [float(optics.excitation_wavelength_nm)] * n_channels
+        out["ExcitationWavelengthUnit"] = ["nm"] * n_channels
+    return out
+
+
+def _with_instrument(xml: str, optics: Optics) -> str:
+    """The OME-XML with an Instrument holding the objective, referenced by every Image."""
+    digits = "".join(c for c in optics.objective if c.isdigit())
+    immersion = min(_IMMERSION, key=lambda n: abs(n - optics.immersion_index))
+    magnification = f' NominalMagnification="{float(digits)}"' if digits else ""
+    instrument = (
+        '<Instrument ID="Instrument:0"><Objective ID="Objective:0:0" '
+        f'LensNA="{optics.na}" Immersion="{_IMMERSION[immersion]}"{magnification} '
+        f'Model="{optics.objective}"/></Instrument>'
+    )
+    refs = (
+        '<InstrumentRef ID="Instrument:0"/><ObjectiveSettings ID="Objective:0:0" '
+        f'RefractiveIndex="{optics.sample_index}"/><Pixels '
+    )
+    head, sep, rest = xml.partition("<Image ")
+    if not sep:
+        return xml
+    return head + instrument + sep + rest.replace("<Pixels ", refs)
 
 
 def read_ome_tiff(path: str | Path) -> tuple[np.ndarray, TiffInfo]:
