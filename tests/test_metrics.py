@@ -159,5 +159,5 @@ def test_block_artifact_score_finds_a_faint_lattice_and_ignores_content() -> Non
     span = float(smooth.max() - smooth.min())
     blocks = np.kron(rng.normal(0.0, 1.0, (16, 16)), np.ones((32, 32))) * 0.02 * span
     assert block_artifact_score(smooth + blocks, 32) > 1.3
-    with pytest.raises(ValueError, match="at least 128 px"):
+    with pytest.raises(ValueError, match="at least 144 px"):
         block_artifact_score(smooth[:100], 32)

@@ -117,3 +117,35 @@ def test_process_cli_round_trip(tmp_path, restorer: Restorer) -> None:
         app, ["process", str(src), "-m", str(tmp_path / "nope.safetensors"), "-o", str(out)]
     )
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_shipped_model_output_has_no_block_or_window_seams() -> None:
+    """The restored frame's edges must not line up on the network's 32/64 px lattice
+    (transposed-conv blocks, attention windows) more than the true TIRF's do."""
+    from ctirf_live.data.loaders import PairSource
+    from ctirf_live.evaluation.metrics import block_artifact_score
+
+    torch.set_num_threads(2)
+    pair = PairSource.synthetic(1, "60X", seed=9, roi=1024, exposure_ms=50, progress=False)[0]
+    out = Restorer("et2dnet_s0_60x_sim", device="cpu").restore(pair.epi)
+    for period in (32, 64):
+        reference = max(block_artifact_score(pair.truth, period), 1.0)
+        assert block_artifact_score(out, period) <= reference + 0.1, period
+    # and no rim: the outermost rows and columns step no more than the interior does
+    for axis in (0, 1):
+        steps = np.abs(np.diff(out.astype(np.float64), axis=1 - axis)).mean(axis=axis)
+        assert max(steps[0], steps[-1]) <= steps[8:-8].max(), axis
+
+
+def test_ctirf_and_reconstructed_epi_come_from_one_pass() -> None:
+    from ctirf_live.models.etnet import ET2dNet
+
+    torch.manual_seed(0)
+    restorer = Restorer(ET2dNet(Optics(), "tiny"), device="cpu", tile=64, overlap=16)
+    rng = np.random.default_rng(1)
+    frame = (100 + 1000 * rng.random((96, 80))).astype(np.float32)  # tiled: 2 x 2 tiles
+    both = restorer.restore(frame, output="ctirf+recon")
+    assert both.shape == (2, 96, 80)
+    np.testing.assert_allclose(both[0], restorer.restore(frame), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(both[1], restorer.restore(frame, "recon"), rtol=1e-5, atol=1e-4)
+    assert both[1].mean() > 0  # x^ = g * psf + b is in the input's intensity scale

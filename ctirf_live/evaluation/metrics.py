@@ -373,7 +373,7 @@ def axial_cutoff(
     return float(np.mean(kcs))
 
 
-def block_artifact_score(image: np.ndarray, period: int = 32) -> float:
+def block_artifact_score(image: np.ndarray, period: int = 32, border: int = 8) -> float:
     """How much a frame's edges line up on a `period`-pixel lattice (tile, window or
     transposed-conv blocks): 1 for none, larger with seams.
 
@@ -381,10 +381,16 @@ def block_artifact_score(image: np.ndarray, period: int = 32) -> float:
     modulo `period`; the score is the largest folded value over the median of the
     others, for the worse of the two axes. Content-independent for natural images,
     which have no preferred phase; a 1%-of-range step every `period` pixels shows up.
+    `border` pixels at the frame's edges are left out: the network's padding changes the
+    outermost pixels, which is an edge effect, not a lattice.
     """
     img = np.asarray(image, dtype=np.float64)
-    if img.ndim != 2 or min(img.shape) < 4 * period:
-        raise ValueError(f"need a 2D frame at least {4 * period} px a side, got {img.shape}")
+    if img.ndim != 2 or min(img.shape) < 4 * period + 2 * border:
+        raise ValueError(
+            f"need a 2D frame at least {4 * period + 2 * border} px a side, got {img.shape}"
+        )
+    if border:
+        img = img[border:-border, border:-border]
     scores = []
     for axis in (0, 1):
         d = np.abs(np.diff(img, axis=1 - axis)).mean(axis=axis)  # per column (or row) step

@@ -1,7 +1,8 @@
 """`Restorer`: EPI frames or stacks in, cTIRF out, in the input's intensity scale.
 
 Pipeline per frame: percentile normalisation of the whole frame (Eq. 1, so every tile
-shares one scale) -> overlapping tiles -> batched network -> blended -> rescaled.
+shares one scale) -> reflect padding of the edges -> overlapping tiles -> batched network
+-> blended -> cropped -> rescaled.
 ET2dNet handles frames `(Y, X)` and series `(N, Y, X)` slice by slice; ET3dNet takes
 stacks `(Z, Y, X)` with the planes it was trained on, or `(T, Z, Y, X)`.
 
@@ -29,6 +30,9 @@ from ctirf_live.models.etnet import ETNet, load_model
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 32
+# frames are reflect-padded by this much before the network and cropped after: the
+# network's own zero padding otherwise leaves a visible rim in the outermost pixels
+EDGE_PAD = 16
 OUTPUTS = ("ctirf", "g", "background", "recon", "ctirf+recon")
 # "recon" is the network's reconstructed EPI x^ = g * psf + b; "ctirf+recon" returns both
 # from one forward pass, stacked on a new leading axis (for the consistency monitor)
@@ -145,11 +149,13 @@ class Restorer:
 
     def _restore_one(self, item: np.ndarray, output: str) -> np.ndarray:
         norm, scale = normalize(item, self.percentile)
+        pad = [(0, 0)] * (norm.ndim - 2) + [(EDGE_PAD, EDGE_PAD)] * 2
+        padded = np.pad(norm, pad, mode="reflect")
         if self.dims == 3:
-            out = self._run_windows(norm, output)
+            out = self._run_windows(padded, output)
         else:
-            out = self._run_tiled(norm, output)
-        return out * np.float32(scale)
+            out = self._run_tiled(padded, output)
+        return out[..., EDGE_PAD:-EDGE_PAD, EDGE_PAD:-EDGE_PAD] * np.float32(scale)
 
     @property
     def z_step_um(self) -> float:
