@@ -21,7 +21,7 @@ def test_demo_rig_is_complete(demo_core) -> None:
     demo_core.setConfig("Objective", "100X")
     assert active_optics(demo_core, rig).pixel_size_um == pytest.approx(0.065)
     demo_core.setProperty("Camera", "Binning", "2")
-    assert demo_core.getPixelSizeUm() == pytest.approx(0.117)
+    assert demo_core.getPixelSizeUm() == pytest.approx(0.13)
 
 
 def test_mda_with_channels_zstack_and_positions(demo_core) -> None:
