@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ctirf_live.data.normalize import EPS
-from ctirf_live.inference.restorer import Restorer
+from ctirf_live.inference.restorer import EDGE_PAD, Restorer
 from ctirf_live.inference.tiling import MIN_WEIGHT, blend_window, plan_tiles
 
 
@@ -72,11 +73,24 @@ def restore_tensor(restorer: Restorer, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([restore_tensor(restorer, s) for s in x])
     scale = _percentile(x, restorer.percentile)
     scale = torch.where(scale <= EPS, x.max(), scale).clamp_min(EPS)
-    norm = (x / scale).clamp(0.0, 1.0)
+    norm = _pad_edges((x / scale).clamp(0.0, 1.0))
+    out = _tiled(restorer, norm)
+    return out[..., EDGE_PAD:-EDGE_PAD, EDGE_PAD:-EDGE_PAD] * scale
+
+
+def _pad_edges(norm: torch.Tensor) -> torch.Tensor:
+    """Reflect-pad Y and X by `EDGE_PAD`, as `Restorer` does (no rim at the frame edge)."""
+    flat = norm.reshape(1, -1, *norm.shape[-2:])
+    padded = F.pad(flat, (EDGE_PAD,) * 4, mode="reflect")[0]
+    return padded.reshape(*norm.shape[:-2], *padded.shape[-2:])
+
+
+def _tiled(restorer: Restorer, norm: torch.Tensor) -> torch.Tensor:
+    """Overlapping tiles through the network, blended (normalised input and output)."""
     tile = restorer.tile
     tiles = plan_tiles(tuple(norm.shape[-2:]), tile, min(restorer.overlap, tile // 2))
     if len(tiles) == 1:
-        return _forward(restorer, norm[None])[0] * scale
+        return _forward(restorer, norm[None])[0]
     acc = torch.zeros_like(norm)
     weight = torch.zeros(norm.shape[-2:], dtype=norm.dtype, device=norm.device)
     groups: dict[tuple[int, int], list] = {}
@@ -91,7 +105,7 @@ def restore_tensor(restorer: Restorer, x: torch.Tensor) -> torch.Tensor:
                 ys, xs = t.slices
                 acc[..., ys, xs] += res * w
                 weight[ys, xs] += w
-    return acc / weight.clamp_min(MIN_WEIGHT * MIN_WEIGHT) * scale
+    return acc / weight.clamp_min(MIN_WEIGHT * MIN_WEIGHT)
 
 
 def _forward(restorer: Restorer, batch: torch.Tensor) -> torch.Tensor:
