@@ -216,13 +216,8 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
         report.consistency = flagged_before_after(
             shipped, result.best_path, [p.epi for p in source.pairs], held_out
         )
-        if report.consistency:
-            c = report.consistency
-            step(
-                f"consistency monitor: {c['before']} of {c['frames']} held-out "
-                f"{options.objective} frames flagged with the shipped model, {c['after']} "
-                "after fine-tuning"
-            )
+        # recorded in demo_report.json only: calibrated on the frames it was tuned on,
+        # the fine-tuned monitor is still too strict to be shown as a verdict
 
         step(
             f"[4/4] time-lapse: {options.timepoints} time points x {options.planes}-plane "
