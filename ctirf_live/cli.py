@@ -241,7 +241,7 @@ def process(
         str,
         typer.Option(help="Channels to restore, comma-separated, or all; others are left out"),
     ] = "EPI",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    device: DeviceOption = "auto",
     tile: TileOpt = 512,
     threads: ThreadsOpt = None,
     overwrite: Annotated[
@@ -276,6 +276,16 @@ VARIANT_HELP = "Backbone size: S0, S1, S2, L (EfficientFormerV2 sizes) or tiny (
 RUN_DIR_HELP = "Model folder: best.safetensors, last.safetensors, metrics.jsonl"
 CROP_HELP = "Training crop (px); default 512, or the frame size when smaller"
 RESUME_HELP = "Continue the run already in the output folder, if any"
+
+# options shared by several commands, spelled once
+ResumeOption = Annotated[bool, typer.Option(help=RESUME_HELP)]
+KeepResumeOption = Annotated[
+    bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")]
+VariantOption = Annotated[str, typer.Option(help=VARIANT_HELP)]
+CropOption = Annotated[int | None, typer.Option(min=32, help=CROP_HELP)]
+EpochsOption = Annotated[int | None, typer.Option(min=1, help="Epochs (default 200)")]
 
 
 def _training_settings(
@@ -343,9 +353,9 @@ def train_command(
     synthetic: Annotated[
         int | None, typer.Option(min=1, help="Train on N pairs from the simulated microscope")
     ] = None,
-    variant: Annotated[str, typer.Option(help=VARIANT_HELP)] = "S0",
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 200)")] = None,
-    crop: Annotated[int | None, typer.Option(min=32, help=CROP_HELP)] = None,
+    variant: VariantOption = "S0",
+    epochs: EpochsOption = None,
+    crop: CropOption = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 4)")] = None,
     objective: Annotated[
         str | None, typer.Option(help="Objective of the --synthetic pairs (60X or 100X)")
@@ -371,23 +381,19 @@ def train_command(
         bool,
         typer.Option(help="Attention upsampling at 1/16 -> 1/8 too (EViT-UNet reference)"),
     ] = True,
-    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
-    keep_resume: Annotated[
-        bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
-    ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    resume: ResumeOption = True,
+    keep_resume: KeepResumeOption = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Train ET2dNet from scratch on paired EPI/TIRF frames (safe to interrupt and rerun)."""
     from ctirf_live.config import TrainSettings
     from ctirf_live.data.loaders import PairSource, check_crop, split_by_field
     from ctirf_live.models.etnet import ET2dNet
-    from ctirf_live.models.evit_unet import VARIANTS
     from ctirf_live.training.trainer import seed_everything, train
 
     if (data is None) == (synthetic is None):
         raise ValueError("give exactly one of --data DIR or --synthetic N")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    _check_variant(variant)
     seed_everything(seed)
     if data is not None:
         source = PairSource.from_dataset(data)
@@ -397,7 +403,7 @@ def train_command(
             )
     else:
         roi = max(256, crop or TrainSettings().crop)
-        names = [f.strip() for f in families.split(",") if f.strip()]
+        names = _family_names(families)
         source = PairSource.synthetic(
             synthetic or 0, objective or "60X", seed=seed, roi=roi, families=names
         )
@@ -460,28 +466,24 @@ def distill(
     families: Annotated[
         str, typer.Option(help="--synthetic: specimen families, comma-separated")
     ] = "factin,membrane,tissue",
-    variant: Annotated[str, typer.Option(help=VARIANT_HELP)] = "S0",
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 200)")] = None,
-    crop: Annotated[int | None, typer.Option(min=32, help=CROP_HELP)] = None,
+    variant: VariantOption = "S0",
+    epochs: EpochsOption = None,
+    crop: CropOption = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 2)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, split and initialisation")] = 0,
-    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
-    keep_resume: Annotated[
-        bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
-    ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    resume: ResumeOption = True,
+    keep_resume: KeepResumeOption = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Train ET3dNet on EPI z-stacks from a frozen ET2dNet teacher (paper Section 2.3)."""
     from ctirf_live.data.stacks import stacks_from_files, synthetic_stacks
-    from ctirf_live.models.evit_unet import VARIANTS
     from ctirf_live.training.distill import distill as run_distill
     from ctirf_live.training.distill import distill_settings
     from ctirf_live.training.trainer import seed_everything
 
     if (stacks is None) == (synthetic is None):
         raise ValueError("give exactly one of --stacks DIR or --synthetic N")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    _check_variant(variant)
     seed_everything(seed)
     if stacks is not None:
         files = sorted(stacks.glob("*.tif*")) if stacks.is_dir() else [stacks]
@@ -489,7 +491,7 @@ def distill(
             raise ValueError(f"{stacks} holds no OME-TIFF stacks; record some with ctirf acquire")
         data = stacks_from_files(files, planes)
     else:
-        names = [f.strip() for f in families.split(",") if f.strip()]
+        names = _family_names(families)
         bar, update = _progress(f"simulating {synthetic} stacks of {planes} planes")
         with bar:
             data = synthetic_stacks(
@@ -523,6 +525,19 @@ def distill(
     _report_training(result)
 
 
+def _check_variant(variant: str) -> None:
+    """One line naming the backbone sizes when `variant` is not one of them."""
+    from ctirf_live.models.evit_unet import VARIANTS
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _family_names(families: str) -> list[str]:
+    """`factin, membrane` -> ["factin", "membrane"] (checked where the pairs are made)."""
+    return [f.strip() for f in families.split(",") if f.strip()]
+
+
 def _stack_side(data: Any) -> int:
     """Smallest Y/X side of a stack set."""
     return min(min(s.epi.shape[-2:]) for s in data.stacks)
@@ -540,17 +555,15 @@ def finetune(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help=RUN_DIR_HELP)],
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 20)")] = None,
-    crop: Annotated[int | None, typer.Option(min=32, help=CROP_HELP)] = None,
+    crop: CropOption = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 4)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data and split")] = 0,
     baseline: Annotated[
         bool, typer.Option(help="Ablation: no self-supervised (reconstructed EPI) branch")
     ] = False,
-    resume: Annotated[bool, typer.Option(help=RESUME_HELP)] = True,
-    keep_resume: Annotated[
-        bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
-    ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    resume: ResumeOption = True,
+    keep_resume: KeepResumeOption = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Fine-tune a trained model to a microscope's pairs; the PSF follows the data's optics."""
     from ctirf_live.data.loaders import PairSource, check_crop
@@ -642,7 +655,7 @@ def acquire(
     fmt: Annotated[
         str, typer.Option("--format", metavar="ome-tiff|ome-zarr", help="Store format (any case)")
     ] = "ome-tiff",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    device: DeviceOption = "auto",
     channels: Annotated[str, typer.Option(help="Presets to process, comma-separated")] = "EPI",
     tile: TileOpt = 512,
     threads: ThreadsOpt = None,
@@ -800,7 +813,7 @@ def live(
     config: ConfigOpt,
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
     policy: PolicyOpt = "preview",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    device: DeviceOption = "auto",
     tile: TileOpt = 512,
     threads: ThreadsOpt = None,
     sequence: Annotated[
@@ -1033,7 +1046,7 @@ def evaluate(
         float, typer.Option(help="--adaptation: fraction of fields held out for scoring")
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed for simulated data and splits")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    device: DeviceOption = "auto",
     threads: Annotated[
         int,
         typer.Option(min=1, help="torch CPU threads (more may speed up CPU training)"),
