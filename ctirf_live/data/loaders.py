@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,7 +176,7 @@ class PairSource:
         frames) is kept for evaluation.
         """
         from ctirf_live.sim.sample import FAMILIES
-        from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
+        from ctirf_live.sim.scope import SENSOR_SHAPE
 
         if n < 1:
             raise DatasetError(f"--synthetic needs at least 1 pair, got {n}")
@@ -198,22 +199,11 @@ class PairSource:
             raise DatasetError(f"exposure must be positive (low <= high), got {exposure_ms} ms")
         rng = np.random.default_rng([seed, 0xE4905])
         exposures = np.exp(rng.uniform(math.log(low), math.log(high), n))
-        scopes, queues = {}, {}
-        for fam in dict.fromkeys(families):
-            scope = SimulatedMicroscope(seed=seed, drift_px=0.0, family=fam)
-            scope.objective = optics_objective
-            scope.centre_roi(roi)
-            scope.z_um = 0.0
-            count = sum(1 for i in range(n) if families[i % len(families)] == fam)
-            side_um = roi * scope.pixel_size_um()
-            scopes[fam] = scope
-            queues[fam] = iter(_synthetic_positions(count, seed, side_um, fam))
+        fields = simulated_fields(n, families, optics_objective, seed, roi)
         pairs = []
         with _maybe_progress(progress and n >= _PROGRESS_FROM, n) as advance:
-            for i in range(n):
-                fam = families[i % len(families)]
-                scope = scopes[fam]
-                x, y = next(queues[fam])
+            for i, (scope, (x, y)) in enumerate(fields):
+                fam = scope.family
                 scope.xy_um = (x, y)
                 scope.exposure_ms = float(exposures[i])
                 scope.set_illumination("EPI")
@@ -226,8 +216,7 @@ class PairSource:
                 advance()
         names = "+".join(dict.fromkeys(families))
         description = f"synthetic {n} ({optics_objective}, {names}, seed {seed}, {roi} px)"
-        optics = next(iter(scopes.values())).optics
-        return cls(pairs, optics, description)
+        return cls(pairs, fields[0][0].optics, description)
 
 
 class CropDataset(Dataset):
@@ -422,6 +411,25 @@ def _overlap_groups(
             if dx < size_um[1] and dy < size_um[0]:
                 parent[root(a)] = root(b)
     return [f"field:{names[root(i)]}" for i in range(n)]
+
+
+def simulated_fields(
+    n: int, families: Sequence[str], objective: str, seed: int, roi: int
+) -> list[tuple[Any, tuple[float, float]]]:
+    """Field i of `n`: the drift-free microscope of family `families[i % len]` (one per
+    family, slide `seed`, `objective`, a centred `roi` px ROI) and its stage position, near
+    a distinct cell, frames never overlapping."""
+    from ctirf_live.sim.scope import SimulatedMicroscope
+
+    scopes, queues = {}, {}
+    for fam in dict.fromkeys(families):
+        scope = SimulatedMicroscope(seed=seed, drift_px=0.0, family=fam)
+        scope.objective = objective
+        scope.centre_roi(roi)
+        count = sum(1 for i in range(n) if families[i % len(families)] == fam)
+        scopes[fam] = scope
+        queues[fam] = iter(_synthetic_positions(count, seed, roi * scope.pixel_size_um(), fam))
+    return [(scopes[f], next(queues[f])) for f in (families[i % len(families)] for i in range(n))]
 
 
 def _synthetic_positions(

@@ -75,8 +75,8 @@ def synthetic_stacks(
     Each stack starts at a height drawn from `STACK_START_UM` (on the z grid) and climbs
     `planes` planes `z_step_um` apart; the exposure is log-uniform in `exposure_ms` per stack.
     """
-    from ctirf_live.data.loaders import _synthetic_positions
-    from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
+    from ctirf_live.data.loaders import simulated_fields
+    from ctirf_live.sim.scope import SENSOR_SHAPE
 
     if n < 1 or planes < 2:
         raise StackError(f"need at least 1 stack of 2 or more planes, got {n} x {planes}")
@@ -85,18 +85,9 @@ def synthetic_stacks(
     rng = np.random.default_rng([seed, 0x57AC])
     families = tuple(families) or ("factin",)
     stacks: list[Stack] = []
-    scopes, queues = {}, {}
-    for fam in dict.fromkeys(families):
-        scope = SimulatedMicroscope(seed=seed, drift_px=0.0, family=fam)
-        scope.objective = objective
-        scope.centre_roi(size)
-        count = sum(1 for i in range(n) if families[i % len(families)] == fam)
-        queues[fam] = iter(_synthetic_positions(count, seed, size * scope.pixel_size_um(), fam))
-        scopes[fam] = scope
-    for i in range(n):
-        fam = families[i % len(families)]
-        scope = scopes[fam]
-        scope.xy_um = next(queues[fam])
+    fields = simulated_fields(n, families, objective, seed, size)
+    for scope, xy in fields:
+        scope.xy_um = xy
         scope.exposure_ms = float(math.exp(rng.uniform(*np.log(exposure_ms))))
         # starts on the z grid: foci repeat between stacks, so the OTFs are reused
         steps = round((STACK_START_UM[1] - STACK_START_UM[0]) / z_step_um)
@@ -109,9 +100,9 @@ def synthetic_stacks(
             epi[k] = scope.snap()
             truth[k] = scope.in_focus_section()
         x, y = scope.xy_um
-        stacks.append(Stack(epi, f"sim:{fam}:{x:.1f},{y:.1f}", truth, start))
+        stacks.append(Stack(epi, f"sim:{scope.family}:{x:.1f},{y:.1f}", truth, start))
         scope.clear_cache()
-    optics = next(iter(scopes.values())).optics.model_copy(update={"z_step_um": z_step_um})
+    optics = fields[0][0].optics.model_copy(update={"z_step_um": z_step_um})
     names = "+".join(dict.fromkeys(families))
     return StackSet(stacks, optics, z_step_um, f"synthetic stacks {n} ({objective}, {names})")
 

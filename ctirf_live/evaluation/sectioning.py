@@ -126,10 +126,7 @@ def build_scene(
         scope.frames_rendered = 0
         scope.set_illumination("EPI")
         frames.append(scope.snap().astype(np.float32))
-        cam = scope.camera
-        offset, gain, _ = scope._camera_maps()
-        epi_clean = scope.noise_free("EPI") * gain / np.float32(cam.electrons_per_adu) + offset
-        refs["epi_noise_free"].append(epi_clean.astype(np.float32))
+        refs["epi_noise_free"].append(scope.noise_free("EPI", camera_units=True))
         refs["tirf"].append(scope.ground_truth_tirf(camera_units=True).astype(np.float32))
     return SectioningScene(
         epi=frames[0],

@@ -124,8 +124,6 @@ def vectorial_psf(
     vectorial model, at the interface itself). Point-sampled at pixel centres like
     `born_wolf_psf` (no pixel integration); same shapes and normalisation.
     """
-    import psfmodels
-
     if model not in ("vectorial", "scalar", "gibson_lanni"):
         raise ValueError(
             f"unknown psfmodels model {model!r}; choose one of vectorial, scalar, gibson_lanni"
@@ -140,23 +138,15 @@ def vectorial_psf(
     # by ~6% of the peak near the core at ~lambda/7 NA pixels: compute on a finer grid
     # whose every `sub`-th pixel is one of ours, and keep those point samples.
     sub = max(1, math.ceil(optics.pixel_size_um * 16 * optics.na / optics.wavelength_um))
-    n_odd = size + 1 - size % 2  # psfmodels centres odd windows; crop keeps size // 2
-    planes = psfmodels.make_psf(
-        zs,
-        sub * (n_odd - 1) + 1,
-        dxy=optics.pixel_size_um / sub,
-        pz=float(depth_um),
-        NA=optics.na,
-        wvl=optics.wavelength_um,
+    planes = _psfmodels_planes(
+        optics,
+        size,
+        sub,
+        float(depth_um),
+        tuple(zs.tolist()),
         ns=n_imm if model == "scalar" else optics.sample_index,
-        ni=n_imm,
-        ni0=n_imm,
-        ng=n_imm,
-        ng0=n_imm,
-        oversample_factor=1,
-        normalize=False,
         model="scalar" if model == "gibson_lanni" else model,
-    )[:, ::sub, ::sub][:, :size, :size]
+    )
     return _normalise(planes[1:], planes[0], scalar)
 
 
@@ -263,16 +253,23 @@ def depth_psf(
     sub = oversampling or max(
         1, math.ceil(optics.pixel_size_um * 8 * optics.na / optics.wavelength_um)
     )
-    planes = _gibson_lanni(optics, size, sub, float(emitter_z_um), tuple(z.tolist()))
+    planes = _psfmodels_planes(optics, size, sub, float(emitter_z_um), tuple(z.tolist()))
     out = (planes / _surface_reference_sum(optics, size, sub)).astype(np.float32)
     return out[0] if scalar else out
 
 
-def _gibson_lanni(
-    optics: Optics, size: int, sub: int, emitter_z_um: float, focus_um: tuple[float, ...]
+def _psfmodels_planes(
+    optics: Optics,
+    size: int,
+    sub: int,
+    emitter_z_um: float,
+    focus_um: tuple[float, ...],
+    ns: float | None = None,
+    model: str = "scalar",
 ) -> np.ndarray:
-    """psfmodels' scalar Gibson-Lanni PSF on a grid `sub` times finer, point-sampled back
-    at our pixel centres (psfmodels interpolates a radial profile sampled once per pixel)."""
+    """A psfmodels PSF (default: scalar Gibson-Lanni into the sample medium) on a grid
+    `sub` times finer, point-sampled back at our pixel centres (psfmodels interpolates a
+    radial profile sampled once per its pixel)."""
     import psfmodels
 
     n_odd = size + 1 - size % 2  # psfmodels centres odd windows; crop keeps size // 2
@@ -284,14 +281,14 @@ def _gibson_lanni(
         pz=emitter_z_um,
         NA=optics.na,
         wvl=optics.wavelength_um,
-        ns=optics.sample_index,
+        ns=optics.sample_index if ns is None else ns,
         ni=n_imm,
         ni0=n_imm,
         ng=n_imm,
         ng0=n_imm,
         oversample_factor=1,
         normalize=False,
-        model="scalar",
+        model=model,
     )
     return planes[:, ::sub, ::sub][:, :size, :size]
 
@@ -299,7 +296,7 @@ def _gibson_lanni(
 @functools.lru_cache(maxsize=32)
 def _surface_reference_sum(optics: Optics, size: int, sub: int) -> float:
     """Sum of the in-focus Gibson-Lanni PSF of an emitter on the coverslip (the unit)."""
-    total = float(_gibson_lanni(optics, size, sub, 0.0, (0.0,)).sum())
+    total = float(_psfmodels_planes(optics, size, sub, 0.0, (0.0,)).sum())
     if not total > 0:
         raise ValueError("the in-focus PSF is empty; check the optics (NA, wavelength, pixel)")
     return total

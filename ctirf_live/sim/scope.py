@@ -687,8 +687,10 @@ class SimulatedMicroscope:
         dy_um, dx_um = self._drift_um
         return np.exp(-2j * np.pi * (fy * dy_um + fx * dx_um)).astype(np.complex64)
 
-    def noise_free(self, mode: str | None = None) -> np.ndarray:
-        """Expected photo-electrons per output pixel (float32), EPI or TIRF, current state.
+    def noise_free(self, mode: str | None = None, camera_units: bool = False) -> np.ndarray:
+        """Expected photo-electrons per output pixel (float32), EPI or TIRF, current state,
+        or with `camera_units` what a noiseless camera would record (ADU, offset and gain
+        maps included).
 
         Drift, illumination profile, exposure and binning included; zeros with the shutter
         closed.
@@ -698,8 +700,10 @@ class SimulatedMicroscope:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         with self.lock:
             if not self.shutter_open:
-                return np.zeros(self.frame_shape, np.float32)
-            return self._image(mode, drift=True)
+                electrons = np.zeros(self.frame_shape, np.float32)
+            else:
+                electrons = self._image(mode, drift=True)
+            return self._to_adu(electrons) if camera_units else electrons
 
     def ground_truth_tirf(self, camera_units: bool = False) -> np.ndarray:
         """Noise-free TIRF image of the current field at the current focus, without drift.
@@ -710,10 +714,12 @@ class SimulatedMicroscope:
         """
         with self.lock:
             electrons = self._image("TIRF", drift=False)
-            if not camera_units:
-                return electrons
-            offset, gain, _ = self._camera_maps()
-            return electrons * gain / np.float32(self.camera.electrons_per_adu) + offset
+            return self._to_adu(electrons) if camera_units else electrons
+
+    def _to_adu(self, electrons: np.ndarray) -> np.ndarray:
+        """Photo-electrons as the camera reads them out: per-pixel gain, then offset."""
+        offset, gain, _ = self._camera_maps()
+        return electrons * gain / np.float32(self.camera.electrons_per_adu) + offset
 
     def _camera_maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Offset, gain and read-noise maps under the ROI (first pixel of each bin)."""
@@ -777,11 +783,10 @@ class SimulatedMicroscope:
             rng = np.random.default_rng([self.seed & 0x7FFFFFFF, self.frames_rendered, 0x5EED])
             self.frames_rendered += 1
             expected = self.noise_free()
-            offset, gain, read = self._camera_maps()
+            read = self._camera_maps()[2]
             electrons = rng.poisson(expected).astype(np.float32)
             electrons += rng.standard_normal(expected.shape, np.float32) * (read * self._binning)
-            adu = electrons * gain / np.float32(self.camera.electrons_per_adu) + offset
-            return np.clip(np.rint(adu), 0, MAX_ADU).astype(np.uint16)
+            return np.clip(np.rint(self._to_adu(electrons)), 0, MAX_ADU).astype(np.uint16)
 
     def clear_cache(self, otfs: bool = False) -> None:
         """Forget rendered fields; `otfs=True` also empties the OTF cache all scopes share."""

@@ -26,7 +26,7 @@ from ctirf_live.data.loaders import FramePair, PairSource
 from ctirf_live.data.normalize import percentile_scale
 from ctirf_live.data.stacks import StackSet
 from ctirf_live.models.etnet import ET3dNet, ETNet, load_model
-from ctirf_live.training.trainer import TrainError, TrainResult, _Run, resolve_model_path
+from ctirf_live.training.trainer import TrainError, TrainResult, _Run
 
 DISTILL_BATCH = 2
 
@@ -90,7 +90,7 @@ def distill(
         raise TrainError(f"{train_stacks.description}: no stacks to distil from")
     teacher_name = str(teacher) if not isinstance(teacher, ETNet) else "in-memory teacher"
     if not isinstance(teacher, ETNet):
-        teacher, _ = load_model(resolve_model_path(teacher))
+        teacher, _ = load_model(teacher)  # file, run folder or shipped name
     for p in teacher.parameters():
         p.requires_grad_(False)
     dev = "cpu" if str(device) == "auto" and not torch.cuda.is_available() else str(device)
