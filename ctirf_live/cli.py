@@ -167,26 +167,13 @@ def calibrate(
     ] = False,
 ) -> None:
     """Collect registered EPI/TIRF pairs for fine-tuning (safe to interrupt and rerun)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
     from ctirf_live.acquisition.calibration import calibrate as run_calibration
     from ctirf_live.acquisition.calibration import summarize
     from ctirf_live.acquisition.core import check_rig, open_core
+    from ctirf_live.progress import ProgressReport
 
-    columns = (
-        TextColumn("[bold]calibrating[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("pairs, {task.fields[rejected]} rejected"),
-        TimeRemainingColumn(),
-    )
     with open_core(config) as core:
         rig = check_rig(core, config)
         kwargs = dict(
@@ -203,8 +190,19 @@ def calibrate(
             plan = run_calibration(core, rig, out, dry_run=True, **kwargs)
             console.print(plan.describe(), highlight=False, soft_wrap=True)
             return
-        with Progress(*columns, console=console, transient=False) as progress:
-            ds = run_calibration(core, rig, out, progress=progress, **kwargs)
+        report = ProgressReport(
+            "calibrating", unit="pairs", console=err_console, every=1, transient=False
+        )
+        with report:
+            ds = run_calibration(
+                core,
+                rig,
+                out,
+                progress=lambda s: report.update(
+                    s.done, s.requested, detail=f"{s.rejected} rejected"
+                ),
+                **kwargs,
+            )
     for note in ds.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     summary = summarize(ds)
@@ -249,21 +247,19 @@ def process(
     ] = False,
 ) -> None:
     """Restore an EPI file to cTIRF offline; metadata kept, model recorded."""
-    from rich.progress import Progress
-
     from ctirf_live.inference.process import process_file
     from ctirf_live.inference.restorer import Restorer
 
     wanted = [c.strip() for c in channels.split(",") if c.strip()]
     with _torch_threads(threads):
         restorer = Restorer(model, device=device, tile=tile)
-        with Progress(console=err_console, transient=True) as bar:
-            task = bar.add_task("cTIRF", total=None)
+        report, update = _progress("cTIRF", unit="planes" if restorer.dims == 2 else "stacks")
+        with report:
             path, warnings = process_file(
                 source,
                 output,
                 restorer,
-                lambda i, n: bar.update(task, completed=i, total=n),
+                update,
                 channels=wanted,
                 overwrite=overwrite,
             )
@@ -663,20 +659,13 @@ def acquire(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs in --out")] = False,
 ) -> None:
     """Run an MDA with live cTIRF: raw and cTIRF stores plus summary.json (Ctrl-C stops)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
     from rich.table import Table
 
     from ctirf_live.acquisition.core import check_rig, open_core
     from ctirf_live.acquisition.limits import stage_limits
     from ctirf_live.acquisition.objective import check_model_optics, select_objective
     from ctirf_live.inference.acquire import acquire as run_acquire
-    from ctirf_live.inference.acquire import load_sequence, resolve_device
+    from ctirf_live.inference.acquire import load_sequence, report_progress, resolve_device
     from ctirf_live.inference.backlog import POLICIES
     from ctirf_live.inference.restorer import Restorer
     from ctirf_live.inference.writers import check_format
@@ -690,52 +679,25 @@ def acquire(
     if warning:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     restorer = Restorer(model, device=device, tile=tile)
-    columns = (
-        TextColumn("[bold]{task.fields[phase]}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "frames; processed {task.fields[processed]}, skipped {task.fields[skipped]}"
-            ", errors {task.fields[errors]}, queue {task.fields[queue]}"
-        ),
-        TimeElapsedColumn(),
-    )
-    with (
-        _torch_threads(threads),
-        open_core(config) as core,
-        Progress(*columns, console=console, transient=True) as bar,
-    ):
+    report, _ = _progress("acquiring", unit="frames")
+    with _torch_threads(threads), open_core(config) as core:
         rig = check_rig(core, config)
         check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
-        task = bar.add_task(
-            "", total=None, phase="acquiring", processed=0, skipped=0, errors=0, queue=0
-        )
 
-        def show(stats: Any, frames: int, total: int, phase: str) -> None:
-            bar.update(
-                task,
-                completed=frames,
-                total=total,
-                phase=phase,
-                processed=stats.processed,
-                skipped=stats.skipped,
-                errors=stats.errors,
-                queue=stats.queue_depth,
+        with report:
+            result = run_acquire(
+                core,
+                seq,
+                restorer,
+                out,
+                policy=policy,
+                fmt=fmt,  # type: ignore[arg-type]
+                channels=tuple(c.strip() for c in channels.split(",") if c.strip()),
+                queue_size=queue_size,
+                overwrite=overwrite,
+                progress=report_progress(report),
+                limits=stage_limits(core, config),
             )
-
-        result = run_acquire(
-            core,
-            seq,
-            restorer,
-            out,
-            policy=policy,
-            fmt=fmt,  # type: ignore[arg-type]
-            channels=tuple(c.strip() for c in channels.split(",") if c.strip()),
-            queue_size=queue_size,
-            overwrite=overwrite,
-            progress=show,
-            limits=stage_limits(core, config),
-        )
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     for e in result.errors:
@@ -878,19 +840,13 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _progress(label: str) -> Any:
-    """A transient rich progress bar on stderr and a `(done, total)` callback for it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+def _progress(label: str, unit: str = "") -> Any:
+    """A progress report on stderr (a rich bar on a terminal, timestamped lines otherwise)
+    and its `(done, total)` callback."""
+    from ctirf_live.progress import ProgressReport
 
-    bar = Progress(
-        TextColumn(f"[bold]{label}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=err_console,
-        transient=True,
-    )
-    task = bar.add_task(label, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+    report = ProgressReport(label, unit=unit, console=err_console)
+    return report, report.update
 
 
 def _evaluation_source(
@@ -915,18 +871,16 @@ def _evaluation_source(
         return source
     if objective not in SIMULATED_OBJECTIVES:
         raise ValueError(f"the simulator has objectives {', '.join(SIMULATED_OBJECTIVES)}")
-    bar, update = _progress("rendering pairs")
+    bar, update = _progress("rendering pairs", unit="pairs")
     with bar:
-        source = PairSource.synthetic(
+        return PairSource.synthetic(
             synthetic or 0,
             objective,
             seed=seed,
             roi=size,
-            progress=False,
+            progress=update,
             families=[f.strip() for f in families.split(",") if f.strip()],
         )
-        update(len(source), len(source))
-    return source
 
 
 def _evaluate_adaptation(

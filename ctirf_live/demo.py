@@ -24,10 +24,11 @@ from ctirf_live.acquisition.core import check_rig, open_core, set_objective
 from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP, ConfigError, TrainSettings
 from ctirf_live.data.loaders import PairSource
 from ctirf_live.data.tiff import atomic_write_json
-from ctirf_live.inference.acquire import AcquireResult, acquire
+from ctirf_live.inference.acquire import AcquireResult, acquire, report_progress
 from ctirf_live.inference.restorer import Restorer
 from ctirf_live.models.checkpoint import WEIGHTS_DIR, resolve_checkpoint
 from ctirf_live.models.etnet import load_model
+from ctirf_live.progress import ProgressReport
 from ctirf_live.training.trainer import evaluate_model, finetune, finetune_settings
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "acquisition_configs" / "ctirf_demo.cfg"
@@ -166,15 +167,19 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
             f"objective (simulated rig, {core.getImageWidth()}x{core.getImageHeight()})"
         )
         t0 = time.perf_counter()
-        dataset = calibrate(
-            core,
-            rig,
-            out / "pairs",
-            pairs=options.pairs,
-            objective=options.objective,
-            exposure_ms=50,
-            seed=options.seed,
-        )
+        with ProgressReport("calibrating", unit="pairs", every=1) as bar:
+            dataset = calibrate(
+                core,
+                rig,
+                out / "pairs",
+                pairs=options.pairs,
+                objective=options.objective,
+                exposure_ms=50,
+                seed=options.seed,
+                progress=lambda s: bar.update(
+                    s.done, s.requested, detail=f"{s.rejected} rejected"
+                ),
+            )
         report.calibration_s = time.perf_counter() - t0
         report.pairs = len(dataset)
         report.rejected = len(dataset.manifest.get("calibration", {}).get("rejected", []))
@@ -198,24 +203,32 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
             f"[3/4] scoring before/after on {options.eval_pairs} held-out simulated "
             f"{options.objective} pairs against the noise-free TIRF"
         )
-        held_out = PairSource.synthetic(
-            options.eval_pairs,
-            options.objective,
-            seed=options.seed + 101,
-            roi=options.roi,
-            progress=False,
-        )
+        with ProgressReport("rendering held-out pairs", unit="pairs", every=1) as bar:
+            held_out = PairSource.synthetic(
+                options.eval_pairs,
+                options.objective,
+                seed=options.seed + 101,
+                roi=options.roi,
+                progress=bar.update,
+            )
         before, _ = load_model(shipped)
-        report.before = evaluate_model(before, held_out, device=options.device)
+        with ProgressReport("scoring the shipped model", unit="pairs", every=1) as bar:
+            report.before = evaluate_model(
+                before, held_out, device=options.device, progress=bar.update
+            )
         after, after_meta = load_model(result.best_path)
-        report.after = evaluate_model(after, held_out, device=options.device)
+        with ProgressReport("scoring the fine-tuned model", unit="pairs", every=1) as bar:
+            report.after = evaluate_model(
+                after, held_out, device=options.device, progress=bar.update
+            )
         report.verdict = adaptation_verdict(
             report.before["ctirf"], report.after["ctirf"], report.epochs, len(held_out)
         )
         step(report.verdict)
-        report.consistency = flagged_before_after(
-            shipped, result.best_path, [p.epi for p in source.pairs], held_out
-        )
+        with ProgressReport("consistency monitor, before and after"):
+            report.consistency = flagged_before_after(
+                shipped, result.best_path, [p.epi for p in source.pairs], held_out
+            )
         # recorded in demo_report.json only: calibrated on the frames it was tuned on,
         # the fine-tuned monitor is still too strict to be shown as a verdict
 
@@ -224,14 +237,16 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
             "z-stacks through the live hook (raw + cTIRF saved)"
         )
         restorer = Restorer(after, device=options.device, metadata=after_meta)
-        run: AcquireResult = acquire(
-            core,
-            _timelapse(options),
-            restorer,
-            out / "timelapse",
-            policy="record",
-            overwrite=True,
-        )
+        with ProgressReport("acquiring", unit="frames") as bar:
+            run: AcquireResult = acquire(
+                core,
+                _timelapse(options),
+                restorer,
+                out / "timelapse",
+                policy="record",
+                overwrite=True,
+                progress=report_progress(bar),
+            )
         report.acquisition = {
             "frames": run.frames_acquired,
             "expected": run.frames_expected,

@@ -14,7 +14,7 @@ def tiny_60x(tmp_path: Path) -> Path:
     return save_model(ET2dNet(Optics(), "tiny"), tmp_path / "tiny60x")
 
 
-def test_demo_runs_the_whole_workflow(tmp_path: Path, tiny_60x: Path) -> None:
+def test_demo_runs_the_whole_workflow(tmp_path: Path, tiny_60x: Path, capsys) -> None:
     options = DemoOptions(
         out=tmp_path / "demo",
         model=str(tiny_60x),
@@ -40,6 +40,15 @@ def test_demo_runs_the_whole_workflow(tmp_path: Path, tiny_60x: Path) -> None:
     assert acq["processed"] == 6
     assert Path(acq["raw"]).exists() and Path(acq["ctirf"]).exists()
     assert (tmp_path / "demo" / "demo_report.json").is_file()
+    # not a terminal: every long step still says how far it got, in timestamped lines
+    log = capsys.readouterr().err
+    for line in (
+        "calibrating: 3/3 pairs",
+        "scoring the shipped model: 2/2 pairs",
+        "scoring the fine-tuned model: 2/2 pairs",
+        "done: 6/6 frames, processed 6",
+    ):
+        assert line in log, log
 
 
 def test_demo_without_shipped_model_says_how_to_get_one(tmp_path: Path) -> None:

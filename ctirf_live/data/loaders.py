@@ -160,7 +160,7 @@ class PairSource:
         seed: int = 0,
         roi: int = 256,
         exposure_ms: float | tuple[float, float] | None = None,
-        progress: bool = True,
+        progress: bool | Callable[[int, int], None] = True,
         families: Sequence[str] = ("factin",),
     ) -> PairSource:
         """Render `n` noisy EPI/TIRF pairs of distinct, non-overlapping fields with cells.
@@ -173,7 +173,8 @@ class PairSource:
         log-uniformly from a (low, high) range (default 10-100 ms, as real pairs vary):
         photon counts, hence noise, vary as on a real rig. The noise-free TIRF
         (`FramePair.truth`, in camera units with offset and gain maps, like the measured
-        frames) is kept for evaluation.
+        frames) is kept for evaluation. `progress`: show progress (from 8 pairs), or a
+        `(done, total)` callback.
         """
         from ctirf_live.sim.sample import FAMILIES
         from ctirf_live.sim.scope import SENSOR_SHAPE
@@ -201,7 +202,7 @@ class PairSource:
         exposures = np.exp(rng.uniform(math.log(low), math.log(high), n))
         fields = simulated_fields(n, families, optics_objective, seed, roi)
         pairs = []
-        with _maybe_progress(progress and n >= _PROGRESS_FROM, n) as advance:
+        with _maybe_progress(progress, n) as advance:
             for i, (scope, (x, y)) in enumerate(fields):
                 fam = scope.family
                 scope.xy_um = (x, y)
@@ -460,20 +461,26 @@ def _synthetic_positions(
 
 
 @contextlib.contextmanager
-def _maybe_progress(show: bool, total: int) -> Iterator[Callable[[], None]]:
-    """Yield an `advance()` that moves a rich progress bar over `total` items when `show`."""
-    if not show:
+def _maybe_progress(
+    progress: bool | Callable[[int, int], None], total: int
+) -> Iterator[Callable[[], None]]:
+    """Yield an `advance()` that reports one more of `total` pairs: to a `(done, total)`
+    callback, or with the shared progress report when `progress` is True (from
+    `_PROGRESS_FROM` pairs)."""
+    if callable(progress):
+        done = 0
+
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            progress(done, total)
+
+        yield advance
+        return
+    if not progress or total < _PROGRESS_FROM:
         yield lambda: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from ctirf_live.progress import ProgressReport
 
-    columns = (TextColumn("[bold]rendering pairs[/]"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("render", total=total)
-        yield lambda: bar.advance(task)
+    with ProgressReport("rendering pairs", total, unit="pairs") as report:
+        yield report.advance

@@ -29,6 +29,7 @@ from ctirf_live import __version__
 from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP, ConfigError, validation_message
 from ctirf_live.data.tiff import atomic_write_json
 from ctirf_live.inference.backlog import Policy
+from ctirf_live.inference.consistency import ConsistencyMonitor
 from ctirf_live.inference.diskspace import RESERVE_BYTES, DiskBudget, DiskFullError
 from ctirf_live.inference.live import LiveProcessor, LiveStats
 from ctirf_live.inference.rawstore import count_raw_frames
@@ -45,12 +46,29 @@ if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
 
     from ctirf_live.acquisition.limits import StageLimits
+    from ctirf_live.progress import ProgressReport
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[LiveStats, int, int, str], None]
 SUMMARY = "summary.json"
 SPILL = ".spill"
+
+
+def report_progress(report: ProgressReport) -> Progress:
+    """An `acquire` progress callback that moves `report`: frames acquired of planned,
+    the phase as its label, and what the cTIRF worker has done."""
+
+    def show(stats: LiveStats, frames: int, total: int, phase: str) -> None:
+        report.update(
+            frames,
+            total,
+            label=phase,
+            detail=f"processed {stats.processed}, skipped {stats.skipped}, "
+            f"errors {stats.errors}, queue {stats.queue_depth}",
+        )
+
+    return show
 
 
 @dataclass
@@ -74,6 +92,8 @@ class AcquireResult:
     ctirf_planes: int = 0
     unprocessed: int = 0
     failure: str | None = None
+    consistency: dict[str, Any] = field(default_factory=dict)  # summary (+ "planes" columns)
+    advice: str = ""  # the one line a run with many flagged frames ends with
 
 
 def load_sequence(path: str | Path) -> useq.MDASequence:
@@ -201,6 +221,7 @@ def acquire(
     progress: Progress | None = None,
     limits: StageLimits | None = None,
     reserve_bytes: int = RESERVE_BYTES,
+    consistency: ConsistencyMonitor | bool | None = None,
 ) -> AcquireResult:
     """Run `sequence` with raw + cTIRF storage; returns the result (and writes summary.json).
 
@@ -210,7 +231,9 @@ def acquire(
     `limits` before anything moves. Ctrl-C cancels the MDA and waits for its real end;
     under `record` the queued frames are then processed (a second Ctrl-C drops them,
     counted in the summary). Raises AcquireError, after writing the summary, when a
-    raw frame is missing from the raw store or the disk filled up.
+    raw frame is missing from the raw store or the disk filled up. `consistency` is the
+    LiveProcessor's (default: the model's own calibration); its per-frame scores go to
+    the summary and beside the cTIRF store.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -240,6 +263,7 @@ def acquire(
         result_writer=writer,
         spill_dir=out / SPILL,
         space_check=budget.allows,
+        consistency=consistency,
     )
     budget.frames_done = lambda: processor.frames_received
     processor.warm_up((height, width))
@@ -283,6 +307,12 @@ def acquire(
         unprocessed=processor.dropped_on_stop,
         failure=None if failure is None else _one_line(failure),
     )
+    if processor.consistency is not None:
+        result.consistency = {
+            **processor.consistency.summary(),
+            "planes": processor.consistency.per_frame(),
+        }
+        result.advice = result.consistency["advice"]
     try:
         _write_summary(result, sequence, restorer, policy, fmt)
         see = f"see {summary_path}"
@@ -415,6 +445,7 @@ def _write_summary(
         "acquisition_s": round(result.acquisition_s, 3),
         "total_s": round(result.total_s, 3),
         "stats": result.stats.to_dict(),
+        "consistency": result.consistency,
         "errors": result.errors,
         "warnings": result.warnings,
         "model": restorer.describe(),

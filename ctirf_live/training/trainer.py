@@ -263,12 +263,14 @@ def evaluate_model(
     source: PairSource,
     percentile: float = 98.0,
     device: str | torch.device = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """MS-SSIM and PSNR (mean, sd over pairs) of cTIRF and of raw EPI against TIRF.
 
     Whole frames; EPI is percentile-normalised as at inference. The reference is the
     noise-free ground truth when every pair has one (simulated data), else the measured
     TIRF. Scores use `ctirf_live.evaluation.metrics` (each image normalised on its own).
+    `progress(done, total)` is called after each pair.
     """
     from ctirf_live.data.normalize import normalize
     from ctirf_live.evaluation.metrics import ms_ssim, psnr
@@ -283,7 +285,7 @@ def evaluate_model(
         "epi": {"ms_ssim": [], "psnr": []},
     }
     with torch.inference_mode():
-        for pair in source.pairs:
+        for i, pair in enumerate(source.pairs):
             reference = pair.truth if use_truth and pair.truth is not None else pair.tirf
             epi, _ = normalize(pair.epi, percentile)
             x = torch.from_numpy(epi)[None, None].to(dev)
@@ -292,6 +294,8 @@ def evaluate_model(
             for name, image in (("ctirf", ctirf), ("epi", pair.epi)):
                 scores[name]["ms_ssim"].append(ms_ssim(image, reference, percentile))
                 scores[name]["psnr"].append(psnr(image, reference, percentile))
+            if progress is not None:
+                progress(i + 1, len(source))
     summary: dict[str, Any] = {
         "pairs": len(source),
         "reference": "ground truth" if use_truth else "TIRF",
