@@ -308,9 +308,10 @@ def _record_consistency(checkpoint: Path, source: Any, frames: int = 32) -> None
     """Calibrate the consistency monitor on the run's own frames, stored in the checkpoint."""
     from ctirf_live.inference.consistency import calibrate, record_calibration
     from ctirf_live.inference.restorer import Restorer
+    from ctirf_live.training.distributed import is_main_process
 
     epi = [p.epi for p in source.pairs[:frames]]
-    if len(epi) < 5 or not Path(checkpoint).is_file():
+    if len(epi) < 5 or not Path(checkpoint).is_file() or not is_main_process():
         return
     calibration = calibrate(Restorer(checkpoint, device="cpu"), epi)
     record_calibration(checkpoint, calibration)

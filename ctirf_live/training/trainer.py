@@ -45,7 +45,7 @@ import safetensors
 import safetensors.torch
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ctirf_live.atomic import atomic_write
 from ctirf_live.config import Optics, TrainSettings
@@ -53,6 +53,7 @@ from ctirf_live.data.loaders import CropDataset, PairSource, split_by_field
 from ctirf_live.models.checkpoint import CheckpointError, check_state_dict, load_checkpoint
 from ctirf_live.models.device import select_device
 from ctirf_live.models.etnet import ETNet, load_model, save_model
+from ctirf_live.training import distributed
 from ctirf_live.training.losses import HybridLoss, structural_similarity
 
 BEST = "best.safetensors"
@@ -394,9 +395,17 @@ class _Run:
             if self.val_source is not None
             else None
         )
-        self.device = select_device(device)
+        # inside a torchrun session (training.distributed) the run is data-parallel: DDP
+        # for the steps, this rank's share of the crops, rank 0 alone writes the files
+        self.parallel = distributed.active()
+        self.writes = self.parallel is None or self.parallel.is_main
+        self.device = self.parallel.device(device) if self.parallel else select_device(device)
         self.model = model.to(self.device)
-        self.steps_per_epoch = math.ceil(len(self.train_data) / settings.batch_size)
+        self.net = self.parallel.wrap(self.model, self.device) if self.parallel else self.model
+        per_rank = len(self.train_data)
+        if self.parallel:  # DistributedSampler gives each rank an equal share
+            per_rank = self.parallel.share(per_rank)
+        self.steps_per_epoch = math.ceil(per_rank / settings.batch_size)
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.warmup_epochs = min(settings.warmup_epochs, settings.epochs - 1)
         self.warmup_steps = self.warmup_epochs * self.steps_per_epoch
@@ -418,6 +427,7 @@ class _Run:
                 "val_fields": sorted(set(self.val_source.fields)) if self.val_source else [],
                 "samples_per_epoch": spe,
                 "init_from": init_from,
+                **({"processes": self.parallel.world_size} if self.parallel else {}),
             }
         )
         self.history: list[dict[str, Any]] = []
@@ -510,7 +520,8 @@ class _Run:
         self.history = header["history"]
         self.best_loss = float(header["best_loss"])
         self.step = int(header["step"])
-        self._rewrite_logs()
+        if self.writes:
+            self._rewrite_logs()
         return True
 
     def _rewrite_logs(self) -> None:
@@ -587,9 +598,13 @@ class _Run:
         on_step: Callable[[dict[str, Any]], None] | None,
         on_epoch: Callable[[dict[str, Any]], None] | None,
     ) -> TrainResult:
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
         notes: list[str] = []
-        if resume and (self._load_resume_state() or self._load_finished()):
+        resumed = resume and (self._load_resume_state() or self._load_finished())
+        if self.parallel:
+            self.parallel.agree(len(self.history) if resumed else -1, "resume states", self.device)
+        if resumed:
             done = len(self.history)
             if done >= self.settings.epochs:
                 notes.append(
@@ -599,8 +614,9 @@ class _Run:
                 return self._result(notes)
             notes.append(f"resumed {self.out} after epoch {done}")
             console.print(notes[-1], highlight=False)
-        else:
+        elif self.writes:
             self._start_fresh()
+        progress = progress and self.writes
         bar = _progress_bar(progress and console.is_terminal)
         try:
             with bar:
@@ -618,9 +634,13 @@ class _Run:
                     if on_epoch is not None:
                         on_epoch(record)
         except KeyboardInterrupt:
-            self._report_interrupt()
+            if self.writes:
+                self._report_interrupt()
             raise
-        self._finish()
+        if self.writes:
+            self._finish()
+        if self.parallel:
+            self.parallel.barrier()
         return self._result(notes)
 
     def _result(self, notes: list[str]) -> TrainResult:
@@ -638,14 +658,17 @@ class _Run:
     ) -> dict[str, Any]:
         started = time.perf_counter()
         seed = _epoch_seed(self.settings.seed, epoch)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + (self.parallel.rank if self.parallel else 0))
         self.train_data.set_epoch(epoch)
+        if self.parallel:
+            order: dict[str, Any] = {"sampler": self.parallel.sampler(self.train_data, seed, epoch)}
+        else:
+            order = {"shuffle": True, "generator": torch.Generator().manual_seed(seed)}
         loader = DataLoader(
             self.train_data,
             batch_size=self.settings.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
             pin_memory=self.device.type == "cuda",
+            **order,
         )
         self.model.train()
         sums: dict[str, float] = {}
@@ -660,7 +683,7 @@ class _Run:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             step_record = {"step": self.step, "epoch": epoch + 1, "lr": lr, **terms}
-            if log_every and self.step % log_every == 0:
+            if log_every and self.step % log_every == 0 and self.writes:
                 with open(self.out / STEPS, "a") as fh:
                     fh.write(json.dumps(step_record) + "\n")
             if on_step is not None:
@@ -669,7 +692,11 @@ class _Run:
                 task, advance=1, loss=terms["total"], epoch=f"{epoch + 1}/{self.settings.epochs}"
             )
         record: dict[str, Any] = {"epoch": epoch + 1}
-        record.update({f"train_{k}": v / batches for k, v in sums.items()})
+        means = {k: v / batches for k, v in sums.items()}
+        if self.parallel:
+            means = self.parallel.mean(means, self.device)
+            self.parallel.sync_buffers(self.model)
+        record.update({f"train_{k}": v for k, v in means.items()})
         record["train_loss"] = record.pop("train_total")
         val_loss, val_msssim = self._validate()
         record.update({"val_loss": val_loss, "val_ms_ssim": val_msssim, "lr": lr})
@@ -685,30 +712,32 @@ class _Run:
         }
         if record["best"]:
             self.best_loss = selection
-            self._save_model(self.best_path, metrics)
-        self._save_model(self.last_path, metrics)
+            if self.writes:
+                self._save_model(self.best_path, metrics)
         self.history.append(record)
-        self._save_resume_state()
-        with open(self.out / METRICS, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if self.writes:
+            self._save_model(self.last_path, metrics)
+            self._save_resume_state()
+            with open(self.out / METRICS, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
         return record
 
     def _forward_loss(
-        self, batch: dict[str, torch.Tensor]
+        self, batch: dict[str, torch.Tensor], net: torch.nn.Module | None = None
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, torch.Tensor]:
-        """(loss, its terms, cTIRF, TIRF) of one batch."""
+        """(loss, its terms, cTIRF, TIRF) of one batch through `net` (the bare model)."""
         epi = batch["epi"].to(self.device, non_blocking=True)
         tirf = batch["tirf"].to(self.device, non_blocking=True)
         weight = batch["weight"].to(self.device, non_blocking=True)
         with _autocast(self.device):
-            out = self.model(epi)
+            out = (net or self.model)(epi)
         pred = out.g if self.supervise == "g" else out.ctirf
         loss, terms = self.loss_fn(pred, tirf, out.recon, epi, out.g, out.b, weight)
         return loss, terms, pred, tirf
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms, _, _ = self._forward_loss(batch)
+        loss, terms, _, _ = self._forward_loss(batch, self.net)
         if not torch.isfinite(loss):
             raise TrainError(
                 f"the loss became {loss.item()} at step {self.step + 1}; lower the learning "
@@ -727,7 +756,10 @@ class _Run:
         if self.val_data is None:
             return None, None
         self.model.eval()
-        loader = DataLoader(self.val_data, batch_size=self.settings.batch_size)
+        data = self.val_data
+        if self.parallel:  # each rank its share; the sums are added up below
+            data = Subset(self.val_data, self.parallel.shard(len(self.val_data)))
+        loader = DataLoader(data, batch_size=self.settings.batch_size)
         total, msssim, count = 0.0, 0.0, 0
         with torch.no_grad():
             for batch in loader:
@@ -736,6 +768,8 @@ class _Run:
                 total += float(loss) * n
                 msssim += float(structural_similarity(ctirf.float(), tirf).sum())
                 count += n
+        if self.parallel:
+            total, msssim, count = self.parallel.sum([total, msssim, count], self.device)
         return total / count, msssim / count
 
     def _save_model(self, path: Path, metrics: dict[str, Any]) -> None:
