@@ -59,8 +59,9 @@ def warm_start(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     """Load a checkpoint's weights into `model`; new layers' output projections start at 0.
 
     Returns the names of the parameters the checkpoint did not have. The attention
-    upsample at 1/16 -> 1/8 adds to a transposed conv, so with its last BatchNorm scaled
-    to zero the warm-started network computes exactly what the checkpoint did.
+    upsample at 1/16 -> 1/8 adds to a transposed conv, so when the checkpoint lacks it,
+    its last BatchNorm is scaled to zero and the warm-started network computes exactly what
+    the checkpoint did; a checkpoint that has it is continued as it is.
     """
     from ctirf_live.models.checkpoint import load_checkpoint
 
@@ -73,7 +74,7 @@ def warm_start(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     missing = [k for k in own if k not in weights]
     model.load_state_dict(weights, strict=False)
     for name, module in model.named_modules():
-        if name.endswith("ups.1.attn.proj"):
+        if name.endswith("ups.1.attn.proj") and f"{name}.bn.weight" in missing:
             torch.nn.init.zeros_(module.bn.weight)
     return missing
 

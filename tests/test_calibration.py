@@ -380,3 +380,31 @@ def test_cli_collects_and_summarises(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "2 / 2" in result.output
     manifest = yaml.safe_load((out / "manifest.json").read_text())
     assert manifest["calibration"]["positions"] == "random"
+
+
+def test_calibrate_with_stacks_records_an_epi_stack_per_field(rig, tmp_path: Path) -> None:
+    from ctirf_live.data.stacks import stacks_from_dataset
+
+    core, info = rig
+    ds = calibrate(
+        core, info, tmp_path / "ds", pairs=2, exposure_ms=100, stack_planes=4, stack_step_um=0.25
+    )
+    stacks = ds.stack_files()
+    assert len(stacks) == 2
+    for rec, path in stacks:
+        data, tif = read_ome_tiff(path)
+        assert data.shape == (4, 128, 128) and data.dtype == np.uint16
+        assert tif.z_step_um == pytest.approx(0.25) and tif.channel_names == ["EPI"]
+        assert rec.extra["stack"]["start_um"] == rec.position["z"]
+        # plane 0 is the pair's EPI focus; planes further up resemble it less and less
+        epi, _ = PairedDataset.open(tmp_path / "ds").load_pair(ds.pairs.index(rec), False)
+        corr = [np.corrcoef(data[0].ravel(), plane.ravel())[0, 1] for plane in data]
+        assert np.corrcoef(data[0].ravel(), epi.ravel())[0, 1] > 0.9
+        assert corr[1] > corr[2] > corr[3] and corr[3] < 0.95
+    loaded = stacks_from_dataset(tmp_path / "ds", planes=4)
+    assert len(loaded) == 2 and loaded.z_step_um == pytest.approx(0.25)
+    assert loaded.optics.na == ds.optics.na and loaded.optics.objective == "60X"
+    plan = calibrate(core, info, tmp_path / "p", pairs=2, stack_planes=6, dry_run=True)
+    assert plan.max_frames == 8 * len(plan.positions) and "stacks: 6 EPI planes" in plan.describe()
+    with pytest.raises(ConfigError, match="at least 2"):
+        calibrate(core, info, tmp_path / "q", pairs=2, stack_planes=1, dry_run=True)

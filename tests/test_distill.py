@@ -110,3 +110,18 @@ def test_cli_distills_from_stack_files(teacher: ET2dNet, tmp_path: Path) -> None
     assert (tmp_path / "o" / "best.safetensors").is_file()
     bad = runner.invoke(app, ["distill", "--teacher", str(ckpt), "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "exactly one of --stacks" in bad.output
+
+
+def test_stack_files_without_optics_take_the_teachers_rig(tmp_path: Path) -> None:
+    from ctirf_live.data.stacks import stacks_from_files
+
+    path = tmp_path / "s.ome.tif"
+    write_ome_tiff(
+        path, _stacks(1).stacks[0].epi, "ZYX", pixel_size_um=0.11, z_step_um=0.3
+    )
+    found = stacks_from_files([path], planes=6)
+    assert not found.optics_recorded
+    other = DEFAULT_OBJECTIVES["100X"]
+    merged = found.with_optics(other)
+    assert merged.optics.na == other.na and merged.optics.pixel_size_um == pytest.approx(0.11)
+    assert merged.optics.z_step_um == pytest.approx(0.3) and merged.optics_recorded

@@ -71,6 +71,7 @@ MIN_FOCUS = 0.5  # TIRF fine/coarse band variance ratio (in focus ~1.2-1.5)
 FRAME_GRACE_S = 2.0  # wait for a position's frames this long after the runner moved on
 MAX_MISSING_IN_A_ROW = 3  # positions without frames before the camera is declared broken
 BYTES_OVERHEAD = 64 * 1024  # OME-XML and TIFF tags per pair file
+STACK_KEY = "stack:"  # frames of the optional EPI z-stack are keyed "stack:0", "stack:1", ...
 SIM_SLIDE_HALF_WIDTH_UM = 30_000.0  # simulated stage: +-30 mm (cells within 25 mm of the centre)
 
 Bounds = tuple[float, float, float, float]  # xmin, xmax, ymin, ymax (um)
@@ -407,6 +408,8 @@ class CalibrationPlan:
     frame_shape: tuple[int, int]
     bounds: Bounds | None = None
     notes: tuple[str, ...] = ()  # repairs made when the existing folder was opened
+    stack_planes: int = 0  # with --stacks: EPI planes recorded upward from each pair's focus
+    stack_step_um: float = 0.2
 
     @property
     def needed(self) -> int:
@@ -418,7 +421,11 @@ class CalibrationPlan:
 
     @property
     def max_frames(self) -> int:
-        return 2 * len(self.sequence.stage_positions)
+        return (2 + self.stack_planes) * len(self.sequence.stage_positions)
+
+    def events_by_position(self) -> list[list[useq.MDAEvent]]:
+        """Each position's events: EPI, TIRF, then the EPI z-stack when one is planned."""
+        return _events_by_position(self.sequence, self.stack_planes, self.stack_step_um)
 
     def describe(self) -> str:
         """Human-readable plan (what `--dry-run` prints)."""
@@ -430,6 +437,14 @@ class CalibrationPlan:
             f"optics: {self.optics.describe()}",
             f"channels: {ILLUMINATION_GROUP} {EPI_PRESET} then {TIRF_PRESET} at each "
             f"position, exposure {self.exposure_ms:g} ms, frames {w}x{h}",
+            *(
+                [
+                    f"stacks: {self.stack_planes} {EPI_PRESET} planes {self.stack_step_um:g} um "
+                    "apart, upward from each pair's focus (for ctirf distill --stacks)"
+                ]
+                if self.stack_planes
+                else []
+            ),
             f"candidate positions: {len(self.positions)} (stops after {self.needed} good "
             f"pairs; at most {self.max_frames} frames{skipped})",
         ]
@@ -455,10 +470,21 @@ def plan_calibration(
     z_offset_um: float = 0.0,
     seed: int = 0,
     bounds: Bounds | Literal["auto"] | None = "auto",
+    stack_planes: int = 0,
+    stack_step_um: float = 0.2,
 ) -> CalibrationPlan:
     """Plan a run without moving anything or writing anything."""
     if pairs < 1:
         raise ConfigError("--pairs must be at least 1")
+    if stack_planes == 1 or stack_planes < 0:
+        raise ConfigError("--planes must be at least 2 (the paper's ET3dNet uses 6)")
+    if stack_planes and not stack_step_um > 0:
+        raise ConfigError("--z-step must be positive (um)")
+    if stack_planes and not core.getFocusDevice():
+        raise CalibrationError(
+            "--stacks needs a focus drive, and this configuration has none; "
+            "set Core-Focus in the config or calibrate without --stacks"
+        )
     if exposure_ms is not None and exposure_ms <= 0:
         raise ConfigError("exposure must be positive (ms)")
     if core.mda.is_running():
@@ -510,6 +536,8 @@ def plan_calibration(
         frame_shape=(h, w),
         bounds=bounds,
         notes=notes,
+        stack_planes=stack_planes,
+        stack_step_um=float(stack_step_um),
     )
 
 
@@ -590,6 +618,8 @@ def calibrate(
     dry_run: Literal[False] = ...,
     progress: Any = ...,
     bounds: Any = ...,
+    stack_planes: int = ...,
+    stack_step_um: float = ...,
 ) -> PairedDataset: ...
 @overload
 def calibrate(
@@ -607,6 +637,8 @@ def calibrate(
     dry_run: Literal[True] = ...,
     progress: Any = ...,
     bounds: Any = ...,
+    stack_planes: int = ...,
+    stack_step_um: float = ...,
 ) -> CalibrationPlan: ...
 
 
@@ -625,6 +657,8 @@ def calibrate(
     dry_run: bool = False,
     progress: ProgressCallback | Any | None = None,
     bounds: Bounds | Literal["auto"] | None = "auto",
+    stack_planes: int = 0,
+    stack_step_um: float = 0.2,
 ) -> PairedDataset | CalibrationPlan:
     """Collect `pairs` registered, quality-checked EPI/TIRF pairs into the folder `out`.
 
@@ -632,15 +666,19 @@ def calibrate(
     positions not used before). `positions`: "grid", "random" or a useq YAML/JSON file.
     `progress`: a callable receiving `CalibrationStatus`, or a rich `Progress`.
     `dry_run` returns the `CalibrationPlan` without moving or writing anything.
+    `stack_planes` > 0 also records, at each field, an EPI z-stack of that many planes
+    `stack_step_um` apart upward from the pair's focus, saved beside the pair (the
+    distillation data of ET3dNet, `ctirf distill --stacks DATASET`).
     Raises `CalibrationError` when the slide yields too few good fields within the bounded
     tries, or when the run stops on an error; pairs written so far stay valid.
     One run writes into a folder at a time (`FolderLockedError` names the other one); the
     returned dataset's `notes` say what was repaired (a killed run, a stale lock).
     """
     args = (core, rig, out, pairs, objective, positions, exposure_ms, z_offset_um, seed, bounds)
+    stack = {"stack_planes": stack_planes, "stack_step_um": stack_step_um}
     out = Path(out)
     if dry_run or not out.is_dir():
-        plan = plan_calibration(*args)  # checks the arguments before a folder is made
+        plan = plan_calibration(*args, **stack)  # checks the arguments before a folder is made
         if dry_run:
             return plan
     lock = _lock(out)
@@ -648,7 +686,7 @@ def calibrate(
         return _calibrate_locked(
             core,
             rig,
-            plan_calibration(*args),
+            plan_calibration(*args, **stack),
             lock,
             objective,
             max_shift_px,
@@ -844,9 +882,10 @@ class _MDAThread:
             self.feed.put(groups[self.submitted])
             self.submitted += 1
 
-    def wait_position(self, index: int) -> dict[str, tuple[np.ndarray, dict]]:
-        """Frames of position `index` by channel; fewer than two when a snap failed."""
-        while len(self.buffer.get(index, {})) < 2:
+    def wait_position(self, index: int, expected: int = 2) -> dict[str, tuple[np.ndarray, dict]]:
+        """Frames of position `index` by channel (z-stack planes as "stack:K"); fewer than
+        `expected` when a snap failed."""
+        while len(self.buffer.get(index, {})) < expected:
             try:
                 img, event, meta = self.frames.queue.get(timeout=0.05)
             except queue.Empty:
@@ -859,7 +898,10 @@ class _MDAThread:
                 continue
             if event.channel is not None:
                 slot = self.buffer.setdefault(int(event.index.get("p", -1)), {})
-                slot[event.channel.config] = (np.asarray(img), dict(meta))
+                key = event.channel.config
+                if "z" in event.index:
+                    key = f"{STACK_KEY}{int(event.index['z'])}"
+                slot[key] = (np.asarray(img), dict(meta))
         return self.buffer.pop(index, {})
 
     def stop(self, cancel: bool) -> None:
@@ -924,7 +966,7 @@ class _Session:
 
     def run(self, core: CMMCorePlus) -> None:
         """Acquire position after position until enough pairs; stop cleanly on any error."""
-        groups = _events_by_position(self.plan.sequence)
+        groups = self.plan.events_by_position()
         self.ds.save_manifest()
         self._report("")
         mda = _MDAThread(core)
@@ -932,7 +974,7 @@ class _Session:
             for i in range(len(groups)):
                 ahead = 1 if self.plan.requested - len(self.ds) > 1 else 0
                 mda.submit_until(groups, i + ahead)
-                self._process(i, mda.wait_position(i))
+                self._process(i, mda.wait_position(i, len(groups[i])))
                 if len(self.ds) >= self.plan.requested:
                     break
             mda.stop(cancel=False)  # nothing is queued beyond the last position processed
@@ -988,6 +1030,7 @@ class _Session:
             self._reject(pos, position, quality, reg)
             return
         self.run_info["accepted"] += 1  # counted in the manifest the pair is saved with
+        stack, stack_info = self._stack(frames, pos)
         try:
             self.ds.add_pair(
                 epi,
@@ -1007,11 +1050,33 @@ class _Session:
                         TIRF_PRESET: _frame_info(tirf_meta),
                     },
                 },
+                stack=stack,
+                stack_info=stack_info,
             )
         except BaseException:
             self.run_info["accepted"] -= 1
             raise
         self._report(f"{pos.name}: ok, shift ({reg.shift_px[0]:+.2f}, {reg.shift_px[1]:+.2f}) px")
+
+    def _stack(
+        self, frames: dict[str, tuple[np.ndarray, dict]], pos: useq.Position
+    ) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+        """The position's EPI z-stack (Z, Y, X) and what to record of it; (None, note)
+        when planes are missing (the pair is kept, without a stack)."""
+        planes = self.plan.stack_planes
+        if not planes:
+            return None, None
+        got = [frames.get(f"{STACK_KEY}{k}") for k in range(planes)]
+        info: dict[str, Any] = {
+            "planes": planes,
+            "z_step_um": self.plan.stack_step_um,
+            "start_um": None if pos.z is None else float(pos.z),
+            "direction": "up",
+        }
+        if any(g is None for g in got):
+            missing = sum(g is None for g in got)
+            return None, {**info, "missing": f"{missing} of {planes} planes not acquired"}
+        return np.stack([g[0] for g in got if g is not None]), info
 
     def _reject(
         self,
@@ -1059,11 +1124,34 @@ class _Session:
             pass  # a full disk: the pairs and the previous manifest are still valid
 
 
-def _events_by_position(sequence: useq.MDASequence) -> list[list[useq.MDAEvent]]:
+def _events_by_position(
+    sequence: useq.MDASequence, stack_planes: int = 0, stack_step_um: float = 0.2
+) -> list[list[useq.MDAEvent]]:
+    """The sequence's events grouped by position; with `stack_planes`, each group ends
+    with an EPI z-stack climbing from the pair's focus (index z = 0 .. planes - 1)."""
     groups: dict[int, list[useq.MDAEvent]] = {}
     for event in sequence:
         groups.setdefault(int(event.index.get("p", 0)), []).append(event)
-    return [groups[k] for k in sorted(groups)]
+    out = [groups[k] for k in sorted(groups)]
+    if stack_planes:
+        for group in out:
+            epi = next(e for e in group if e.channel and e.channel.config == EPI_PRESET)
+            if epi.z_pos is None:
+                raise CalibrationError(
+                    "--stacks needs a known focus position at every field; "
+                    "give positions with z or a config whose focus drive reports one"
+                )
+            group.extend(
+                epi.model_copy(
+                    update={
+                        "index": {**dict(epi.index), "z": k},
+                        "z_pos": epi.z_pos + k * stack_step_um,
+                        "keep_shutter_open": k < stack_planes - 1,
+                    }
+                )
+                for k in range(stack_planes)
+            )
+    return out
 
 
 def _frame_info(meta: dict) -> dict[str, Any]:

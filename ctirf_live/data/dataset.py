@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PAIR_PATTERN = re.compile(r"^pair_(\d{4,})\.ome\.tif$")
 CHANNELS = ("EPI", "TIRF")
+STACK_SUFFIX = "_stack.ome.tif"  # pair_NNNN.ome.tif's EPI z-stack (calibrate --stacks)
 
 
 class DatasetError(ValueError):
@@ -189,8 +190,15 @@ class PairedDataset:
         shift_px: tuple[float, float] | list[float],
         quality: float,
         extra: dict[str, Any] | None = None,
+        stack: np.ndarray | None = None,
+        stack_info: dict[str, Any] | None = None,
     ) -> PairRecord:
-        """Write one pair (raw intensities, C=2) atomically, then update the manifest."""
+        """Write one pair (raw intensities, C=2) atomically, then update the manifest.
+
+        With `stack` (Z, Y, X), the field's EPI z-stack is written first as
+        `pair_NNNN_stack.ome.tif` (its z step from `stack_info["z_step_um"]`) and recorded
+        under the pair's `stack` key; `stack_info` alone records why there is none.
+        """
         if epi.shape != tirf.shape or epi.ndim != 2:
             raise DatasetError(f"EPI {epi.shape} and TIRF {tirf.shape} must be equal 2D frames")
         record = PairRecord(
@@ -201,6 +209,13 @@ class PairedDataset:
             timestamp=datetime.now(timezone.utc).isoformat(),
             extra=dict(extra or {}),
         )
+        if stack_info is not None:
+            record.extra["stack"] = dict(stack_info)
+        if stack is not None:
+            stack = np.asarray(stack)
+            if stack.ndim != 3 or stack.shape[1:] != epi.shape:
+                raise DatasetError(f"a z-stack must be (Z, {epi.shape}), got {stack.shape}")
+            self._write_stack(record, stack, stack_info or {})
         write_ome_tiff(
             self.folder / record.file,
             np.stack([epi, tirf]),
@@ -216,6 +231,33 @@ class PairedDataset:
         self.pairs.append(record)
         self.save_manifest()
         return record
+
+    def _write_stack(self, record: PairRecord, stack: np.ndarray, info: dict[str, Any]) -> None:
+        name = record.file.replace(".ome.tif", STACK_SUFFIX)
+        step = float(info.get("z_step_um") or 0.0) or None
+        write_ome_tiff(
+            self.folder / name,
+            stack,
+            "ZYX",
+            pixel_size_um=self.manifest["pixel_size_um"],
+            z_step_um=step,
+            channel_names=[CHANNELS[0]],
+            metadata={"stack": {**info, "pair": record.file}, "optics": self.manifest["optics"]},
+            name=name,
+            optics=self.optics,
+            modes=[CHANNELS[0]],
+            acquired=datetime.fromisoformat(record.timestamp),
+        )
+        record.extra["stack"] = {**info, "file": name}
+
+    def stack_files(self) -> list[tuple[PairRecord, Path]]:
+        """The pairs that have an EPI z-stack on disk, with its file."""
+        out = []
+        for rec in self.pairs:
+            name = (rec.extra.get("stack") or {}).get("file")
+            if name and (self.folder / name).is_file():
+                out.append((rec, self.folder / name))
+        return out
 
     def save_manifest(self) -> None:
         self.manifest["pairs"] = [

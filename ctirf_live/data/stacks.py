@@ -46,6 +46,7 @@ class StackSet:
     optics: Optics
     z_step_um: float
     description: str
+    optics_recorded: bool = True  # False: files gave only pixel size and z step
 
     def __len__(self) -> int:
         return len(self.stacks)
@@ -56,8 +57,19 @@ class StackSet:
 
     def subset(self, indices: Sequence[int]) -> StackSet:
         return StackSet(
-            [self.stacks[i] for i in indices], self.optics, self.z_step_um, self.description
+            [self.stacks[i] for i in indices],
+            self.optics,
+            self.z_step_um,
+            self.description,
+            self.optics_recorded,
         )
+
+    def with_optics(self, optics: Optics) -> StackSet:
+        """The same stacks under `optics` (pixel size and z step kept from the data)."""
+        merged = optics.model_copy(
+            update={"pixel_size_um": self.optics.pixel_size_um, "z_step_um": self.z_step_um}
+        )
+        return StackSet(self.stacks, merged, self.z_step_um, self.description, True)
 
 
 def synthetic_stacks(
@@ -119,6 +131,7 @@ def stacks_from_files(
 
     stacks: list[Stack] = []
     pixel = step = None
+    recorded: dict | None = None
     for path in paths:
         data, info = read_ome_tiff(path)
         axes = info.axes.upper()
@@ -132,6 +145,8 @@ def stacks_from_files(
         ):
             raise StackError(f"{path} has another pixel size or z step than the first file")
         pixel, step = info.pixel_size_um, info.z_step_um
+        if recorded is None and isinstance(info.metadata.get("optics"), dict):
+            recorded = info.metadata["optics"]
         arr = _to_tczyx(np.asarray(data, np.float32), axes)
         names = info.channel_names or []
         c = names.index(channel) if channel in names else 0
@@ -142,8 +157,25 @@ def stacks_from_files(
                 stacks.append(Stack(arr[t, c, z0 : z0 + planes], f"{Path(path).name}:t{t}:z{z0}"))
     if not stacks:
         raise StackError("no stacks found; pass OME-TIFF z-stacks (ctirf acquire writes them)")
-    optics = Optics(pixel_size_um=pixel or Optics().pixel_size_um, z_step_um=step or Z_STEP_UM)
-    return StackSet(stacks, optics, float(step or Z_STEP_UM), f"{len(paths)} stack files")
+    sizes = {"pixel_size_um": pixel or Optics().pixel_size_um, "z_step_um": step or Z_STEP_UM}
+    optics = Optics(**{**(recorded or {}), **sizes})
+    return StackSet(
+        stacks, optics, float(step or Z_STEP_UM), f"{len(paths)} stack files", recorded is not None
+    )
+
+
+def stacks_from_dataset(folder: str | Path, planes: int = PLANES) -> StackSet:
+    """The EPI z-stacks a `ctirf calibrate --stacks` dataset holds, with its optics."""
+    from ctirf_live.data.dataset import PairedDataset
+
+    ds = PairedDataset.open(folder)
+    files = [path for _, path in ds.stack_files()]
+    if not files:
+        raise StackError(
+            f"{folder} holds no z-stacks; record them with `ctirf calibrate --stacks`"
+        )
+    found = stacks_from_files(files, planes)
+    return found.with_optics(ds.optics)
 
 
 def _to_tczyx(data: np.ndarray, axes: str) -> np.ndarray:

@@ -101,6 +101,10 @@ def distill(
         if val_stacks is not None and len(val_stacks)
         else None
     )
+    if not train_stacks.optics_recorded:
+        # files that give only pixel size and z step (pymmcore-plus raw stores): the rest of
+        # the optics (NA, wavelength, indices) are the teacher's rig
+        train_stacks = train_stacks.with_optics(teacher.optics)
     optics = train_stacks.optics.model_copy(update={"z_step_um": train_stacks.z_step_um})
     student = ET3dNet(optics, variant)
     stack = {"planes": train_stacks.planes, "z_step_um": train_stacks.z_step_um}
