@@ -304,21 +304,16 @@ def _training_settings(
     return type(base)(**{**base.model_dump(), **changes})
 
 
-def _record_consistency(checkpoint: Path, source: Any, frames: int = 32) -> None:
-    """Calibrate the consistency monitor on the run's own frames, stored in the checkpoint."""
-    from ctirf_live.inference.consistency import calibrate, record_calibration
-    from ctirf_live.inference.restorer import Restorer
-    from ctirf_live.training.distributed import is_main_process
-
-    epi = [p.epi for p in source.pairs[:frames]]
-    if len(epi) < 5 or not Path(checkpoint).is_file() or not is_main_process():
+def _record_consistency(result: Any) -> None:
+    """Say what the run's consistency monitor was calibrated on (the trainer stores it)."""
+    calibration = getattr(result, "consistency", None) or {}
+    if not calibration:
         return
-    calibration = calibrate(Restorer(checkpoint, device="cpu"), epi)
-    record_calibration(checkpoint, calibration)
     console.print(
-        f"consistency monitor calibrated on {len(epi)} frames (residual p99 "
-        f"{calibration['residual']['p99']:.3f})",
+        f"consistency monitor calibrated on {calibration['frames']} frames "
+        f"({calibration.get('source', 'validation')})",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -437,7 +432,7 @@ def train_command(
         keep_resume=keep_resume,
     )
     _report_training(result)
-    _record_consistency(result.best_path, source)
+    _record_consistency(result)
 
 
 @app.command(cls=FlagCommand)
@@ -590,7 +585,7 @@ def finetune(
         keep_resume=keep_resume,
     )
     _report_training(result)
-    _record_consistency(result.best_path, source)
+    _record_consistency(result)
 
 
 @app.command(cls=FlagCommand)
@@ -725,7 +720,12 @@ def acquire(
         f"{result.ctirf_planes} planes processed)",
     )
     table.add_row("summary", str(result.summary_path))
+    if result.consistency.get("calibrated"):
+        c = result.consistency
+        table.add_row("consistency", f"{c['flagged']} of {c['frames']} planes flagged")
     console.print(table)
+    if result.advice:
+        err_console.print(f"[yellow]{result.advice}[/]", highlight=False, soft_wrap=True)
     if result.unprocessed:
         err_console.print(
             f"[yellow]warning:[/] {result.unprocessed} queued frame(s) were not "

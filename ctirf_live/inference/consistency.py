@@ -1,128 +1,337 @@
 """Know when not to trust cTIRF: the physics-consistency monitor.
 
-ET2dNet explains its input: x^ = g * psf + b must reproduce the measured EPI x. Two
-numbers per frame, from the one forward pass that makes the cTIRF (the Restorer's
-"ctirf+recon" output), on the network's normalised scale:
+ET2dNet explains its input: x^ = g * psf + b must reproduce the measured EPI x. Every
+frame (every plane of a stack) gets these scores, computed on the model's device from
+the one forward pass that makes the cTIRF (no second network pass), on the network's
+normalised scale:
 
-- `residual`: mean((x^ - x)^2) / var(x), the share of the frame's variance the model
-  does not explain (0: perfectly explained; ~1: not at all, e.g. pure noise);
-- `in_focus`: mean(cTIRF) / mean(x^), the share of the light the model attributes to the
-  in-focus branch rather than to background (an out-of-focus plane or a foreign
-  specimen moves it away from what the training data had).
+- `ms_ssim`: 1 - MS-SSIM(x^, x), the structural term of the self-supervised loss;
+- `residual`: mean((x^ - x)^2) / var(x), the share of the frame's variance left
+  unexplained (~1 for pure noise);
+- `noise_ratio`: mean((x^ - x)^2 / sigma^2), the residual energy relative to the
+  Poisson-Gaussian noise the frame's own intensity predicts, sigma^2 = a x^ + b with a
+  and b fitted on the frame's out-of-band component (an image through the objective has
+  no light beyond the cut-off 2 NA / lambda: what is there is camera noise);
+- `band_misfit`: residual power inside the PSF passband per frequency, relative to the
+  noise power per frequency out of band (structure the model failed to explain);
+- `g_unexplained`: share of the pseudo-GT g's (non-DC) energy beyond the cut-off, which
+  the PSF cannot transmit (detail the data cannot support: foreign content, defocus);
+- `in_focus`: mean(cTIRF) / mean(x^), the share of light given to the in-focus branch.
 
-A checkpoint can carry the distribution of both on frames like its training data
-(`calibrate`, stored under the metadata key "consistency"); a frame beyond the 99th
-percentile of the residual, or outside the 1st-99th percentile range of the in-focus
-share, is flagged (each range widened by its own half-width: see `limits`).
+The noise scores need pixels finer than Nyquist (a band beyond the cut-off); with
+coarser pixels they are NaN and not judged.
+
+A checkpoint carries each score's percentiles on validation frames (`calibrate`, stored
+under the metadata key "consistency"). Live, a plane beyond the calibrated p99 (the
+`quantile`; two-sided for `g_unexplained` and `in_focus`), widened by `widen` times the
+distance of that percentile from the median, is flagged (`limits`, `judge`).
+`ConsistencyLog` collects the per-plane verdicts of a run for LiveStats, summary.json
+and the `<store>.consistency.csv` sidecar of a cTIRF store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+import csv
+import io
+import math
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from ctirf_live.data.normalize import percentile_scale
+from ctirf_live.atomic import atomic_write_bytes
+from ctirf_live.config import Optics
 from ctirf_live.inference.restorer import Restorer
+from ctirf_live.inference.runners import forward_parts
+from ctirf_live.training.losses import structural_similarity
 
 METADATA_KEY = "consistency"
-QUANTILES = (1.0, 50.0, 99.0)
+CALIBRATION_VERSION = 2
+SCORES = ("ms_ssim", "residual", "noise_ratio", "band_misfit", "g_unexplained", "in_focus")
+TWO_SIDED = frozenset({"g_unexplained", "in_focus"})
+QUANTILES = (0.5, 1.0, 2.5, 5.0, 25.0, 50.0, 75.0, 95.0, 97.5, 99.0, 99.5)
+DEFAULT_QUANTILE = 99.0
+DEFAULT_WIDEN = 1.0
+ADVICE_FRACTION = 0.1
+MIN_CALIBRATION_FRAMES = 5
+# passband and out-of-band regions, as fractions of the cut-off 2 NA / lambda
+IN_BAND = 0.9
+OUT_OF_BAND = 1.1
+MIN_OUT_OF_BAND = 0.05  # below this share of the spectrum the noise floor is not measurable
+PARTS = ("ctirf", "recon", "g")
+INDEX_KEYS = ("series", "plane", "p", "g", "t", "c", "z")  # columns of the sidecar
 
 
 @dataclass
 class Consistency:
-    """One frame's consistency scores and, when the model is calibrated, its verdict."""
+    """One plane's scores and, when the model is calibrated, its verdict."""
 
-    residual: float
-    in_focus: float
+    ms_ssim: float = math.nan
+    residual: float = math.nan
+    noise_ratio: float = math.nan
+    band_misfit: float = math.nan
+    g_unexplained: float = math.nan
+    in_focus: float = math.nan
     flagged: bool | None = None
     reason: str = ""
+
+    @classmethod
+    def from_row(cls, row: Sequence[float]) -> Consistency:
+        return cls(**{name: float(v) for name, v in zip(SCORES, row, strict=True)})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def scores(epi: np.ndarray, ctirf: np.ndarray, recon: np.ndarray, percentile: float) -> Consistency:
-    """The two numbers for one frame (arrays in the input's intensity scale)."""
-    scale = np.float32(percentile_scale(np.asarray(epi, np.float32), percentile))
-    x = np.clip(np.asarray(epi, np.float32) / scale, 0.0, 1.0)
-    xh = np.asarray(recon, np.float32) / scale
-    var = float(x.var())
-    residual = float(np.mean((xh - x) ** 2) / max(var, 1e-12))
-    in_focus = float(np.mean(ctirf) / max(float(np.mean(recon)), 1e-12))
-    return Consistency(residual, in_focus)
+# -- scores (torch, on the model's device) --------------------------------------------
 
 
-def residual_map(epi: np.ndarray, recon: np.ndarray, percentile: float = 98.0) -> np.ndarray:
-    """x^ - x on the normalised scale: where the model does not explain the frame."""
-    scale = np.float32(percentile_scale(np.asarray(epi, np.float32), percentile))
-    return (np.asarray(recon, np.float32) - np.asarray(epi, np.float32)) / scale
+def _bands(
+    shape: tuple[int, int], optics: Optics, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Masks of the rfft2 half-spectrum: (in band, out of band, beyond the cut-off) and the
+    share of the full spectrum out of band."""
+    ny, nx = shape
+    cutoff = 2 * optics.na / optics.wavelength_um * optics.pixel_size_um  # cycles per pixel
+    fy = torch.fft.fftfreq(ny, device=device)[:, None]
+    fx = torch.fft.rfftfreq(nx, device=device)[None, :]
+    radius = torch.sqrt(fy**2 + fx**2)
+    lowest = 2.0 / min(ny, nx)  # leave out the illumination's slow ramp
+    in_band = (radius > lowest) & (radius < IN_BAND * cutoff)
+    out_band = radius > OUT_OF_BAND * cutoff
+    beyond = radius > cutoff
+    # columns other than 0 and the Nyquist one stand for two frequencies of the full spectrum
+    twice = torch.full((1, fx.shape[1]), 2.0, device=device)
+    twice[0, 0] = 1.0
+    if nx % 2 == 0:
+        twice[0, -1] = 1.0
+    share = float((out_band * twice).sum()) / (ny * nx)
+    return in_band, out_band, beyond, share
 
 
-class ConsistencyMonitor:
-    """Restore frames with a Restorer and score each against the model's calibration."""
+def plane_scores(
+    x: torch.Tensor, ctirf: torch.Tensor, recon: torch.Tensor, g: torch.Tensor, optics: Optics
+) -> torch.Tensor:
+    """The scores (P, len(SCORES)) of P planes: normalised EPI x, the network's cTIRF,
+    reconstruction x^ and pseudo-GT g, each (P, Y, X), on any device."""
+    x, ctirf, recon, g = (t.float() for t in (x, ctirf, recon, g))
+    planes, ny, nx = x.shape
+    n = ny * nx
+    res = recon - x
+    flat = (planes, -1)
+    residual = res.square().reshape(flat).mean(1) / x.reshape(flat).var(1).clamp_min(1e-12)
+    ms = 1.0 - structural_similarity(recon[:, None], x[:, None])
+    in_focus = ctirf.reshape(flat).mean(1) / recon.reshape(flat).mean(1).clamp_min(1e-12)
 
-    def __init__(self, restorer: Restorer, calibration: Mapping[str, Any] | None = None) -> None:
-        if restorer.dims != 2:
-            raise ValueError("the consistency monitor scores 2D frames: use an ET2dNet model")
-        self.restorer = restorer
-        self.calibration = dict(calibration or restorer.metadata.get(METADATA_KEY) or {})
+    in_band, out_band, beyond, share = _bands((ny, nx), optics, x.device)
+    spec_x = torch.fft.rfft2(x)
+    spec_r = torch.fft.rfft2(res * (x < 1.0))  # normalisation clipped the brightest pixels
+    power_g = torch.fft.rfft2(g).abs().square()
+    nonzero = torch.ones_like(beyond)
+    nonzero[0, 0] = False
+    g_unexplained = (power_g * beyond).sum((1, 2)) / (power_g * nonzero).sum((1, 2)).clamp_min(
+        1e-20
+    )
+    nan = torch.full((planes,), math.nan, device=x.device)
+    if share < MIN_OUT_OF_BAND:
+        noise_ratio = band_misfit = nan
+    else:
+        power_x = spec_x.abs().square()
+        floor = (power_x * out_band).sum((1, 2)) / out_band.sum() / n  # sigma^2 per pixel
+        band_misfit = (spec_r.abs().square() * in_band).sum((1, 2)) / in_band.sum() / n
+        band_misfit = band_misfit / floor.clamp_min(1e-20)
+        noise_ratio = _noise_ratio(x, recon, res, spec_x, out_band, share)
+    scores = torch.stack([ms, residual, noise_ratio, band_misfit, g_unexplained, in_focus], 1)
+    return scores
 
-    @property
-    def calibrated(self) -> bool:
-        return bool(self.calibration.get("residual"))
 
-    def restore(self, epi: np.ndarray) -> tuple[np.ndarray, Consistency, np.ndarray]:
-        """(cTIRF, scores with verdict, reconstructed EPI) of one frame, one forward pass."""
-        both = self.restorer.restore(epi, output="ctirf+recon")
-        ctirf, recon = both[0], both[1]
-        result = scores(epi, ctirf, recon, self.restorer.percentile)
-        if self.calibrated:
-            judge(result, self.calibration)
-        return ctirf, result, recon
+def _noise_ratio(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    res: torch.Tensor,
+    spec_x: torch.Tensor,
+    out_band: torch.Tensor,
+    share: float,
+) -> torch.Tensor:
+    """mean(res^2 / sigma^2) over unclipped pixels, sigma^2 = a x^ + b fitted per plane on
+    the squared out-of-band component (noise only) divided by its share of the spectrum."""
+    planes, ny, nx = x.shape
+    noise = torch.fft.irfft2(spec_x * out_band, s=(ny, nx))
+    target = (noise.square() / share).reshape(planes, -1)
+    signal = recon.reshape(planes, -1)
+    ds = signal - signal.mean(1, keepdim=True)
+    slope = (ds * (target - target.mean(1, keepdim=True))).mean(1) / ds.square().mean(1).clamp_min(
+        1e-12
+    )
+    slope = slope.clamp_min(0.0)[:, None]
+    offset = target.mean(1, keepdim=True) - slope * signal.mean(1, keepdim=True)
+    sigma2 = (slope * signal + offset).clamp_min(0.1 * target.mean(1, keepdim=True) + 1e-12)
+    keep = (x < 1.0).reshape(planes, -1).float()  # normalisation clipped the brightest pixels
+    chi2 = res.reshape(planes, -1).square() / sigma2
+    return (chi2 * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
-def limits(calibration: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-    """Accepted range of each score: the calibrated 1st-99th percentile range widened by
-    its own half-widths (p99 + (p99 - p50), p1 - (p50 - p1)), so a calibration from a few
-    dozen frames does not flag every frame slightly beyond its extremes."""
+@torch.inference_mode()
+def restore_scored(
+    restorer: Restorer, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cTIRF (input scale), scores (P, len(SCORES)) and residual map x^ - x (normalised)
+    of a frame `(Y, X)`, a series `(N, Y, X)` (2D net, each slice on its own) or a stack
+    `(Z, Y, X)` (3D net), all on `x`'s device, from one pass of the network."""
+    if restorer.dims == 2 and x.ndim == 3:
+        each = [restore_scored(restorer, s) for s in x]
+        return (
+            torch.stack([e[0] for e in each]),
+            torch.cat([e[1] for e in each]),
+            torch.stack([e[2] for e in each]),
+        )
+    norm, parts, scale = forward_parts(restorer, x.float(), PARTS)
+    planes = norm.reshape(-1, *norm.shape[-2:])
+    ctirf, recon, g = (p.reshape(planes.shape) for p in parts)
+    scores = plane_scores(planes, ctirf, recon, g, restorer.optics)
+    return parts[0] * scale, scores, (recon - planes).reshape(norm.shape)
+
+
+# -- calibration and verdicts -----------------------------------------------------------
+
+
+def limits(
+    calibration: Mapping[str, Any],
+    quantile: float = DEFAULT_QUANTILE,
+    widen: float = DEFAULT_WIDEN,
+) -> dict[str, tuple[float, float]]:
+    """Accepted range of each calibrated score: up to its `quantile` percentile (and, for
+    two-sided scores, down from its 100 - `quantile` one), each end moved away from the
+    median by `widen` times its distance to it, so a calibration on a few dozen frames
+    does not flag every frame slightly beyond its extremes."""
+    if not 50.0 < quantile < 100.0:
+        raise ValueError(f"the flagging quantile must be between 50 and 100, got {quantile}")
+    if widen < 0:
+        raise ValueError(f"widen must be >= 0, got {widen}")
     out = {}
-    for name in ("residual", "in_focus"):
-        q = calibration[name]
-        out[name] = (q["p1"] - (q["p50"] - q["p1"]), q["p99"] + (q["p99"] - q["p50"]))
+    for name in SCORES:
+        q = calibration.get(name)
+        if not isinstance(q, Mapping):
+            continue
+        hi_key, lo_key = f"p{quantile:g}", f"p{100.0 - quantile:g}"
+        if hi_key not in q or "p50" not in q:
+            stored = ", ".join(k for k in q if k.startswith("p"))
+            raise ValueError(
+                f"the calibration has no {hi_key} of {name} (it has {stored}); flag at one "
+                "of those or recalibrate the model (ctirf finetune records one)"
+            )
+        mid = float(q["p50"])
+        hi = float(q[hi_key]) + widen * (float(q[hi_key]) - mid)
+        lo = -math.inf
+        if name in TWO_SIDED and lo_key in q:
+            lo = float(q[lo_key]) - widen * (mid - float(q[lo_key]))
+        out[name] = (lo, hi)
     return out
 
 
-def judge(result: Consistency, calibration: Mapping[str, Any]) -> Consistency:
-    """Flag `result` against a calibration (in place; returned for chaining).
-
-    A residual above the accepted range, or an in-focus share outside it, is flagged.
-    """
-    bounds = limits(calibration)
+def judge(result: Consistency, bounds: Mapping[str, tuple[float, float]]) -> Consistency:
+    """Flag `result` against `limits(...)` (in place; returned for chaining). A score
+    outside its range flags the plane; NaN scores (not measurable) are not judged."""
     reasons = []
-    if result.residual > bounds["residual"][1]:
-        reasons.append(f"residual {result.residual:.3f} > {bounds['residual'][1]:.3f}")
-    lo, hi = bounds["in_focus"]
-    if not lo <= result.in_focus <= hi:
-        reasons.append(f"in-focus share {result.in_focus:.3f} outside {lo:.3f}-{hi:.3f}")
+    for name, (lo, hi) in bounds.items():
+        value = getattr(result, name)
+        if math.isnan(value):
+            continue
+        if value > hi:
+            reasons.append(f"{name} {value:.3g} > {hi:.3g}")
+        elif value < lo:
+            reasons.append(f"{name} {value:.3g} < {lo:.3g}")
     result.flagged = bool(reasons)
     result.reason = "; ".join(reasons)
     return result
 
 
-def calibrate(restorer: Restorer, frames: Iterable[np.ndarray]) -> dict[str, Any]:
-    """Distribution of both scores over `frames` (frames like the model's training data)."""
+@dataclass
+class Scored:
+    """A restored frame or stack with one `Consistency` per plane."""
+
+    ctirf: np.ndarray
+    planes: list[Consistency]
+    residual: np.ndarray  # x^ - x on the normalised scale, the shape of `ctirf`
+
+    @property
+    def flagged(self) -> int:
+        """Planes flagged (0 when the model is not calibrated)."""
+        return sum(bool(p.flagged) for p in self.planes)
+
+
+class ConsistencyMonitor:
+    """Restore frames with a Restorer and score each plane against the model's calibration.
+
+    `quantile` and `widen` set how far beyond the calibrated distribution a plane is
+    flagged (see `limits`); a calibration passed here replaces the checkpoint's.
+    """
+
+    def __init__(
+        self,
+        restorer: Restorer,
+        calibration: Mapping[str, Any] | None = None,
+        *,
+        quantile: float = DEFAULT_QUANTILE,
+        widen: float = DEFAULT_WIDEN,
+    ) -> None:
+        self.restorer = restorer
+        chosen = restorer.metadata.get(METADATA_KEY) if calibration is None else calibration
+        self.calibration = dict(chosen or {})
+        self.quantile, self.widen = float(quantile), float(widen)
+        self.bounds = limits(self.calibration, self.quantile, self.widen)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.bounds)
+
+    @property
+    def model_name(self) -> str:
+        path = self.restorer.metadata.get("path")
+        return Path(path).stem if path else self.restorer.model.name
+
+    def verdicts(self, scores: np.ndarray) -> list[Consistency]:
+        """One judged `Consistency` per row of a (P, len(SCORES)) score array."""
+        rows = [Consistency.from_row(r) for r in np.atleast_2d(scores)]
+        if self.calibrated:
+            for row in rows:
+                judge(row, self.bounds)
+        return rows
+
+    def restore(self, image: np.ndarray) -> Scored:
+        """Restore a frame, series or stack (numpy, input scale) and score every plane."""
+        arr = self.restorer._check(image)
+        x = torch.from_numpy(np.ascontiguousarray(arr, np.float32)).to(self.restorer.device)
+        ctirf, scores, residual = restore_scored(self.restorer, x)
+        return Scored(
+            ctirf.cpu().numpy(), self.verdicts(scores.cpu().numpy()), residual.cpu().numpy()
+        )
+
+
+def calibrate(
+    restorer: Restorer, frames: Iterable[np.ndarray], source: str = ""
+) -> dict[str, Any]:
+    """Percentiles (`QUANTILES`) of every score over the planes of `frames`, frames like
+    the model's training data (validation frames); store it with `record_calibration`."""
     monitor = ConsistencyMonitor(restorer, calibration={})
-    rows = [monitor.restore(frame)[1] for frame in frames]
-    if len(rows) < 5:
-        raise ValueError(f"calibrating the consistency monitor needs >= 5 frames, got {len(rows)}")
-    out: dict[str, Any] = {"frames": len(rows)}
-    for name in ("residual", "in_focus"):
-        values = np.array([getattr(r, name) for r in rows])
-        out[name] = {f"p{q:g}": float(np.percentile(values, q)) for q in QUANTILES}
+    rows = [p for frame in frames for p in monitor.restore(frame).planes]
+    if len(rows) < MIN_CALIBRATION_FRAMES:
+        raise ValueError(
+            f"calibrating the consistency monitor needs >= {MIN_CALIBRATION_FRAMES} frames, "
+            f"got {len(rows)}; pass more validation frames"
+        )
+    out: dict[str, Any] = {"version": CALIBRATION_VERSION, "frames": len(rows)}
+    if source:
+        out["source"] = source
+    for name in SCORES:
+        values = np.array([getattr(r, name) for r in rows], np.float64)
+        values = values[np.isfinite(values)]
+        if values.size >= MIN_CALIBRATION_FRAMES:
+            out[name] = {f"p{q:g}": float(np.percentile(values, q)) for q in QUANTILES}
     return out
 
 
@@ -135,11 +344,127 @@ def record_calibration(checkpoint: str | Path, calibration: Mapping[str, Any]) -
     return save_checkpoint(checkpoint, state, metadata)
 
 
-def advice(flagged: int, total: int, model: str) -> str:
+def advice(flagged: int, total: int, model: str, fraction: float = ADVICE_FRACTION) -> str:
     """The one line a run with many flagged frames ends with ('' when few are)."""
-    if total == 0 or flagged / total < 0.1:
+    if total == 0 or flagged / total < fraction:
         return ""
     return (
         f"{flagged} of {total} frames are outside what model {model} was trained on: "
         "collect pairs with ctirf calibrate and fine-tune"
     )
+
+
+# -- a run's record -------------------------------------------------------------------
+
+
+def sidecar_path(store: str | Path) -> Path:
+    """Where a cTIRF store's per-plane scores go: `<stem>.consistency.csv` beside it."""
+    store = Path(store)
+    name = store.name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return store.with_name(f"{name}.consistency.csv")
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass
+class _Row:
+    index: dict[str, int]
+    scores: Consistency
+
+
+@dataclass
+class ConsistencyLog:
+    """The per-plane verdicts of a run, in arrival order (thread-safe appends).
+
+    Feeds `LiveStats` (`last`, `flagged`, `frames`), summary.json (`summary`) and the
+    store's sidecar (`write_csv`); `start` marks where the rows of one store begin.
+    """
+
+    monitor: ConsistencyMonitor
+    rows: list[_Row] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, index: Mapping[str, int], planes: Sequence[Consistency]) -> None:
+        """Record the planes of one frame (one plane) or z-stack (index without z)."""
+        base = {k: int(v) for k, v in index.items()}
+        stack = len(planes) > 1 and "z" not in base
+        with self._lock:
+            for z, plane in enumerate(planes):
+                self.rows.append(_Row({**base, "z": z} if stack else base, plane))
+
+    @property
+    def frames(self) -> int:
+        return len(self.rows)
+
+    @property
+    def flagged(self) -> int:
+        with self._lock:
+            return sum(bool(r.scores.flagged) for r in self.rows)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        with self._lock:
+            return self.rows[-1].scores.to_dict() if self.rows else {}
+
+    def _since(self, start: int) -> list[_Row]:
+        with self._lock:
+            return list(self.rows[start:])
+
+    def summary(self, start: int = 0) -> dict[str, Any]:
+        """Counts, medians, limits and the advice line of the rows from `start` on."""
+        rows = self._since(start)
+        flagged = sum(bool(r.scores.flagged) for r in rows)
+        medians = {}
+        for name in SCORES:
+            values = np.array([getattr(r.scores, name) for r in rows], np.float64)
+            values = values[np.isfinite(values)]
+            medians[name] = float(np.median(values)) if values.size else None
+        m = self.monitor
+        return {
+            "model": m.model_name,
+            "calibrated": m.calibrated,
+            "quantile": m.quantile,
+            "widen": m.widen,
+            "limits": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in m.bounds.items()},
+            "frames": len(rows),
+            "flagged": flagged if m.calibrated else None,
+            "flagged_fraction": round(flagged / len(rows), 4) if rows and m.calibrated else None,
+            "median": medians,
+            "advice": advice(flagged, len(rows), m.model_name) if m.calibrated else "",
+        }
+
+    def per_frame(self, start: int = 0) -> dict[str, list[Any]]:
+        """The rows from `start` on as columns (compact JSON for summaries and attrs)."""
+        rows = self._since(start)
+        keys = [k for k in INDEX_KEYS if any(k in r.index for r in rows)]
+        out: dict[str, list[Any]] = {k: [r.index.get(k, 0) for r in rows] for k in keys}
+        for name in SCORES:
+            out[name] = [_finite(round(getattr(r.scores, name), 6)) for r in rows]
+        out["flagged"] = [r.scores.flagged for r in rows]
+        return out
+
+    def csv_text(self, start: int = 0) -> str:
+        """The rows from `start` on as CSV: index columns, scores, flagged, reason."""
+        rows = self._since(start)
+        keys = [k for k in INDEX_KEYS if any(k in r.index for r in rows)] or ["frame"]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow([*keys, *SCORES, "flagged", "reason"])
+        for i, r in enumerate(rows):
+            index = [r.index.get(k, i if k == "frame" else 0) for k in keys]
+            flagged = "" if r.scores.flagged is None else int(r.scores.flagged)
+            values = [f"{getattr(r.scores, name):.6g}" for name in SCORES]
+            writer.writerow([*index, *values, flagged, r.scores.reason])
+        return buffer.getvalue()
+
+    def write_csv(self, path: str | Path, start: int = 0) -> Path:
+        """Write `csv_text` atomically to `path`."""
+        path = Path(path)
+        atomic_write_bytes(path, self.csv_text(start).encode())
+        return path

@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,12 @@ from psygnal import Signal
 
 from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP
 from ctirf_live.inference.backlog import POLICIES, Backlog, Marker, Policy, StackAssembler, WorkItem
+from ctirf_live.inference.consistency import (
+    ConsistencyLog,
+    ConsistencyMonitor,
+    restore_scored,
+    sidecar_path,
+)
 from ctirf_live.inference.restorer import Restorer
 from ctirf_live.inference.runners import CpuRunner, make_runner
 
@@ -72,6 +78,14 @@ class LiveStats:
     At rest, `acquired == processed + skipped + errors`; `ignored` counts frames of
     channels that are not processed (e.g. TIRF). Latency runs from a frame's arrival
     in `frameReady` (for stacks: the last plane's) to its result being available.
+
+    Physics consistency (see `ctirf_live.inference.consistency`), per plane processed:
+    `consistency_frames` planes scored so far; `consistency_flagged` of them flagged as
+    unlike the model's training data (0 while the model has no calibration);
+    `consistency_last` the newest plane's scores as a dict (`ms_ssim`, `residual`,
+    `noise_ratio`, `band_misfit`, `g_unexplained`, `in_focus`, `flagged`: True/False, or
+    None when uncalibrated, `reason`), empty before the first result or when the
+    monitor is off. `LiveProcessor.latest_residual()` gives the matching residual map.
     """
 
     acquired: int = 0
@@ -84,6 +98,9 @@ class LiveStats:
     latency_p95_ms: float = 0.0
     processed_fps: float = 0.0
     ignored: int = 0
+    consistency_frames: int = 0
+    consistency_flagged: int = 0
+    consistency_last: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON summaries and tables)."""
@@ -110,7 +127,11 @@ class LiveProcessor:
         spill_dir: Path | None = None,
         warmup: bool = True,
         space_check: Callable[[int], bool] | None = None,
+        consistency: ConsistencyMonitor | bool | None = None,
     ) -> None:
+        """`consistency`: a monitor, False for none, or None: one built from the model's
+        own calibration whenever `restorer` is a `Restorer` (the scores come from the
+        same forward pass; they are recorded beside the result store)."""
         self.restorer = restorer
         self.channels = tuple(channels)
         self.channel_group = channel_group
@@ -122,6 +143,14 @@ class LiveProcessor:
         self.space_check = space_check
         self._backlog = Backlog(policy, queue_size, spill_dir, space_check)
         self._runner: Any = make_runner(restorer)
+        if consistency is None:
+            consistency = isinstance(restorer, Restorer)
+        if consistency is True:
+            consistency = ConsistencyMonitor(restorer)
+        self.consistency = ConsistencyLog(consistency) if consistency else None
+        self._runner.scorer = restore_scored if self.consistency else None
+        self._consistency_start = 0
+        self._latest_residual: np.ndarray | None = None
         self._assembler = StackAssembler()
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(("acquired", "processed", "skipped", "errors", "ignored"), 0)
@@ -164,8 +193,12 @@ class LiveProcessor:
         fps = 0.0
         if len(done) > 1 and done[-1][0] > done[0][0]:
             fps = sum(n for _, n in done[1:]) / (done[-1][0] - done[0][0])
+        log_ = self.consistency
         return LiveStats(
             **counts,
+            consistency_frames=log_.frames if log_ else 0,
+            consistency_flagged=log_.flagged if log_ else 0,
+            consistency_last=log_.last if log_ else {},
             queue_depth=self._backlog.depth,
             spilled=self._backlog.spilled,
             latency_p50_ms=float(np.percentile(lat, 50)) if lat.size else 0.0,
@@ -187,6 +220,11 @@ class LiveProcessor:
     def latest(self) -> tuple[Any, Any, Any] | None:
         """The newest (raw, result, event), or None before the first result."""
         return self._latest
+
+    def latest_residual(self) -> np.ndarray | None:
+        """x^ - x of the newest result on the model's normalised scale (the residual map
+        to overlay; the shape of the result), or None without a consistency monitor."""
+        return self._latest_residual
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -488,6 +526,7 @@ class LiveProcessor:
             if self._runner.pipelined and "out of memory" in str(exc).lower():
                 log.warning("CUDA out of memory in the streaming path; using Restorer.restore")
                 self._runner = CpuRunner(self.restorer)
+                self._runner.scorer = restore_scored if self.consistency else None
                 return self._launch(item, item.data)
             self._error(_describe(exc), item.n_frames)
             self._settle()
@@ -496,6 +535,11 @@ class LiveProcessor:
     def _finish(self, item: WorkItem, launched: Any) -> None:
         try:
             result = self._runner.finish(launched)
+            if isinstance(result, tuple):  # with the consistency monitor
+                result, scores, residual = result
+                assert self.consistency is not None
+                self.consistency.add(item.index, self.consistency.monitor.verdicts(scores))
+                self._latest_residual = residual
             if not np.isfinite(result).all():
                 raise FloatingPointError("model output contains NaN or infinite values")
         except Exception as exc:
@@ -546,6 +590,8 @@ class LiveProcessor:
     def _open_writer(self, sequence: Any, shape: Any, payload: Mapping[str, Any]) -> None:
         if self.result_writer is None or sequence is None or shape is None:
             return
+        if self.consistency is not None:
+            self._consistency_start = self.consistency.frames
         try:
             self.result_writer.open(
                 sequence,
@@ -562,9 +608,27 @@ class LiveProcessor:
         if self._writer_open and self.result_writer is not None:
             self._writer_open = False
             try:
+                self._record_consistency(self.result_writer)
                 self.result_writer.close()
             except Exception as exc:
                 self._error(f"could not close the cTIRF store: {_describe(exc)}", 0)
+
+    def _record_consistency(self, writer: ResultWriter) -> None:
+        """The store's per-plane scores: a CSV sidecar beside it and, in its metadata,
+        the summary (OME-Zarr: with the per-plane columns)."""
+        log_, start = self.consistency, self._consistency_start
+        if log_ is None:
+            return
+        try:
+            log_.write_csv(sidecar_path(writer.path), start)
+        except OSError as exc:
+            self._error(f"could not write the consistency scores: {_describe(exc)}", 0)
+        extra = getattr(writer, "extra", None)
+        if isinstance(extra, dict):
+            record = {**log_.summary(start), "sidecar": sidecar_path(writer.path).name}
+            if str(writer.path).endswith(".zarr"):
+                record["planes"] = log_.per_frame(start)
+            extra["consistency"] = record
 
     # -- signals ----------------------------------------------------------------------
 

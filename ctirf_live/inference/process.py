@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ctirf_live.data.tiff import TiffSeries, read_ome_series, write_ome_tiff
+from ctirf_live.inference.consistency import ConsistencyLog, ConsistencyMonitor, sidecar_path
 from ctirf_live.inference.naming import ctirf_channel_name, position_files
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 
@@ -64,14 +65,18 @@ def process_array(
     axes: str,
     restorer: Restorer,
     progress: Callable[[int, int], None] | None = None,
+    consistency: ConsistencyLog | None = None,
+    series: int = 0,
 ) -> np.ndarray:
-    """Restore every YX plane (ET2dNet) or every Z stack (ET3dNet) of an array with `axes`."""
+    """Restore every YX plane (ET2dNet) or every Z stack (ET3dNet) of an array with `axes`;
+    with a `consistency` log, each plane is also scored (same forward pass) into it."""
     check_axes(axes)
+    restore = restorer.restore if consistency is None else _scoring(consistency, series)
     if restorer.dims == 2:
         planes = _planes_2d(data)
         out = np.empty(planes.shape, np.float32)
         for i, plane in enumerate(planes):
-            out[i] = _finite(restorer.restore(plane), i)
+            out[i] = _finite(restore(plane), i)
             if progress:
                 progress(i + 1, len(planes))
         return out.reshape(data.shape)
@@ -82,10 +87,25 @@ def process_array(
     stacks = moved.reshape((-1, *moved.shape[-3:]))
     out = np.empty(stacks.shape, np.float32)
     for i, stack in enumerate(stacks):
-        out[i] = _finite(restorer.restore(stack), i)
+        out[i] = _finite(restore(stack), i)
         if progress:
             progress(i + 1, len(stacks))
     return np.moveaxis(out.reshape(moved.shape), -3, z)
+
+
+def _scoring(log_: ConsistencyLog, series: int) -> Callable[[np.ndarray], np.ndarray]:
+    """`Restorer.restore` that also logs each YX plane's consistency as (series, plane):
+    planes numbered in the order they are restored (ET3dNet: stack after stack)."""
+    done = [0]
+
+    def restore(item: np.ndarray) -> np.ndarray:
+        scored = log_.monitor.restore(item)
+        for plane in scored.planes:
+            log_.add({"series": series, "plane": done[0]}, [plane])
+            done[0] += 1
+        return scored.ctirf
+
+    return restore
 
 
 ALL_CHANNELS = "all"
@@ -155,11 +175,15 @@ def process_file(
     *,
     channels: Sequence[str] = ("EPI",),
     overwrite: bool = False,
+    consistency: ConsistencyMonitor | bool | None = None,
 ) -> tuple[Path, list[str]]:
     """Restore every series of a TIFF (or a folder of them); returns (output, warnings).
 
     The output is the file, or for several series the folder of per-position files.
-    Input metadata is carried over per series.
+    Input metadata is carried over per series. Each plane's consistency scores (a
+    monitor, False for none, default the model's own calibration) go to
+    `<output>.consistency.csv` beside the output, their summary into its metadata, and
+    the advice line, when many planes are flagged, to the warnings.
     """
     source, output = Path(source), Path(output)
     sources = read_sources(source)
@@ -187,12 +211,24 @@ def process_file(
         if progress:
             progress(done + i, total)
 
+    if consistency is None:
+        consistency = isinstance(restorer, Restorer)
+    if consistency is True:
+        consistency = ConsistencyMonitor(restorer)
+    log_ = ConsistencyLog(consistency) if consistency else None
     results = []
-    for job in jobs:
-        results.append(process_array(job.data, job.axes, restorer, step))
+    for i, job in enumerate(jobs):
+        results.append(process_array(job.data, job.axes, restorer, step, log_, i))
         done += _planes(job, restorer.dims)
+    summary = None
+    if log_ is not None:
+        log_.write_csv(sidecar_path(store))
+        summary = {**log_.summary(), "sidecar": sidecar_path(store).name}
+        if summary["advice"]:
+            warnings.append(summary["advice"])
     for i, (job, result, file) in enumerate(zip(jobs, results, files, strict=True)):
-        _write(job, result, file, source, restorer, warnings, i if len(files) > 1 else None)
+        _write(job, result, file, source, restorer, warnings, i if len(files) > 1 else None,
+               summary)
     return store, warnings
 
 
@@ -204,6 +240,7 @@ def _write(
     restorer: Restorer,
     warnings: list[str],
     position: int | None,
+    consistency: dict[str, Any] | None = None,
 ) -> Path:
     info = job.series.info
     metadata: dict[str, Any] = {
@@ -215,6 +252,7 @@ def _write(
             "channels": job.channels,
             "processed": datetime.now(timezone.utc).isoformat(),
             "warnings": warnings,
+            **({"consistency": consistency} if consistency else {}),
         },
     }
     name = info.name if position is not None and info.name else f"cTIRF of {source.name}"

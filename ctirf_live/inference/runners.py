@@ -10,12 +10,16 @@ frame overlaps the current frame's compute on a second stream. Normalisation (Eq
 tiling, blending and rescaling happen on the GPU as `Restorer` does them on the host;
 half precision follows `Restorer.half` (autocast). Results come back through pinned
 buffers too. `CpuRunner` simply calls `Restorer.restore`.
+
+With a `scorer` set (the consistency monitor's `restore_scored`), both runners restore
+through it on the model's device, and `finish` returns (cTIRF, scores, residual map).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,19 +39,27 @@ class CpuRunner:
 
     def __init__(self, restorer: Restorer) -> None:
         self.restorer = restorer
+        self.scorer: Scorer | None = None
 
     def stage(self, data: np.ndarray) -> np.ndarray:
         return data
 
-    def launch(self, staged: np.ndarray) -> np.ndarray:
-        return self.restorer.restore(staged)
+    def launch(self, staged: np.ndarray) -> Any:
+        if self.scorer is None:
+            return self.restorer.restore(staged)
+        x = torch.from_numpy(np.ascontiguousarray(staged, np.float32)).to(self.restorer.device)
+        return tuple(t.cpu().numpy() for t in self.scorer(self.restorer, x))
 
-    def finish(self, launched: np.ndarray) -> np.ndarray:
+    def finish(self, launched: Any) -> Any:
         return launched
 
     def warmup(self, shape: tuple[int, ...]) -> None:
         """Run the model once at the frame size so the first real frame is not slowed."""
         self.restorer.warmup(shape[-2:])
+
+
+Scorer = Callable[[Restorer, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(restorer, frame tensor) -> (cTIRF, per-plane scores, residual map), on the device."""
 
 
 def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -71,11 +83,25 @@ def restore_tensor(restorer: Restorer, x: torch.Tensor) -> torch.Tensor:
     """
     if restorer.dims == 2 and x.ndim == 3:
         return torch.stack([restore_tensor(restorer, s) for s in x])
+    _, out, scale = forward_parts(restorer, x, ("ctirf",))
+    return out[0] * scale
+
+
+@torch.inference_mode()
+def forward_parts(
+    restorer: Restorer, x: torch.Tensor, parts: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One frame `(Y, X)` (2D net) or stack `(Z, Y, X)` (3D net) through the tiled network.
+
+    Returns the normalised input, the network outputs named in `parts` (fields of
+    `ETOutput`: ctirf, recon, g, b) stacked on a new leading axis on the normalised
+    scale, and the normalisation scale (a 0-d tensor), all on `x`'s device.
+    """
     scale = _percentile(x, restorer.percentile)
     scale = torch.where(scale <= EPS, x.max(), scale).clamp_min(EPS)
-    norm = _pad_edges((x / scale).clamp(0.0, 1.0))
-    out = _tiled(restorer, norm)
-    return out[..., EDGE_PAD:-EDGE_PAD, EDGE_PAD:-EDGE_PAD] * scale
+    norm = (x / scale).clamp(0.0, 1.0)
+    out = _tiled(restorer, _pad_edges(norm), parts)
+    return norm, out[..., EDGE_PAD:-EDGE_PAD, EDGE_PAD:-EDGE_PAD], scale
 
 
 def _pad_edges(norm: torch.Tensor) -> torch.Tensor:
@@ -85,13 +111,14 @@ def _pad_edges(norm: torch.Tensor) -> torch.Tensor:
     return padded.reshape(*norm.shape[:-2], *padded.shape[-2:])
 
 
-def _tiled(restorer: Restorer, norm: torch.Tensor) -> torch.Tensor:
-    """Overlapping tiles through the network, blended (normalised input and output)."""
+def _tiled(restorer: Restorer, norm: torch.Tensor, parts: tuple[str, ...]) -> torch.Tensor:
+    """Overlapping tiles through the network, blended (normalised input and output):
+    `(len(parts), *norm.shape)`."""
     tile = restorer.tile
     tiles = plan_tiles(tuple(norm.shape[-2:]), tile, min(restorer.overlap, tile // 2))
     if len(tiles) == 1:
-        return _forward(restorer, norm[None])[0]
-    acc = torch.zeros_like(norm)
+        return _forward(restorer, norm[None], parts)[0]
+    acc = norm.new_zeros((len(parts), *norm.shape))
     weight = torch.zeros(norm.shape[-2:], dtype=norm.dtype, device=norm.device)
     groups: dict[tuple[int, int], list] = {}
     for t in tiles:
@@ -101,21 +128,21 @@ def _tiled(restorer: Restorer, norm: torch.Tensor) -> torch.Tensor:
         for i in range(0, len(group), restorer.batch_size):
             batch = group[i : i + restorer.batch_size]
             crops = torch.stack([norm[(..., *t.slices)] for t in batch])
-            for t, res in zip(batch, _forward(restorer, crops), strict=True):
+            for t, res in zip(batch, _forward(restorer, crops, parts), strict=True):
                 ys, xs = t.slices
                 acc[..., ys, xs] += res * w
                 weight[ys, xs] += w
     return acc / weight.clamp_min(MIN_WEIGHT * MIN_WEIGHT)
 
 
-def _forward(restorer: Restorer, batch: torch.Tensor) -> torch.Tensor:
+def _forward(restorer: Restorer, batch: torch.Tensor, parts: tuple[str, ...]) -> torch.Tensor:
     x = batch[:, None].float()
     if restorer.half and x.device.type == "cuda":
         with torch.autocast("cuda", dtype=torch.float16):
             out = restorer.model(x)
     else:
         out = restorer.model(x)
-    return out.ctirf[:, 0].float()
+    return torch.cat([getattr(out, p) for p in parts], 1).float()
 
 
 @dataclass
@@ -128,6 +155,7 @@ class _Staged:
 class _Launched:
     host: torch.Tensor
     done: Any
+    extras: tuple[torch.Tensor, ...] = ()
 
 
 class CudaRunner:
@@ -144,6 +172,7 @@ class CudaRunner:
         self.compute_stream = torch.cuda.Stream(self.device)
         self._in: dict[tuple[int, ...], list] = {}
         self._out: dict[tuple[int, ...], list] = {}
+        self.scorer: Scorer | None = None
 
     @staticmethod
     def _slot(pool: dict, shape: tuple[int, ...]) -> torch.Tensor:
@@ -170,17 +199,26 @@ class CudaRunner:
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(staged.ready)
             staged.tensor.record_stream(self.compute_stream)
-            out = restore_tensor(self.restorer, staged.tensor)
+            extras: tuple[torch.Tensor, ...] = ()
+            if self.scorer is None:
+                out = restore_tensor(self.restorer, staged.tensor)
+            else:
+                out, *rest = self.scorer(self.restorer, staged.tensor)
+                extras = tuple(rest)
             host = self._slot(self._out, tuple(out.shape))
             host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.compute_stream)
-        return _Launched(host, done)
+        return _Launched(host, done, extras)
 
-    def finish(self, launched: _Launched) -> np.ndarray:
-        """Wait for the result and hand back a copy the caller may keep."""
+    def finish(self, launched: _Launched) -> Any:
+        """Wait for the result and hand back a copy the caller may keep (with a scorer:
+        the tuple (cTIRF, scores, residual map))."""
         launched.done.synchronize()
-        return launched.host.numpy().copy()
+        result = launched.host.numpy().copy()
+        if not launched.extras:
+            return result
+        return (result, *(t.cpu().numpy() for t in launched.extras))
 
     def warmup(self, shape: tuple[int, ...]) -> None:
         """Warm up both paths (cuDNN autotuning, allocator) at the frame size."""

@@ -267,6 +267,7 @@ class _BaseResultWriter:
         self.frames_written = 0
         self._done: list[np.ndarray] = []
         self._meta: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}  # recorded with the store's metadata on close
 
     def _layout(
         self,
@@ -306,7 +307,12 @@ class _BaseResultWriter:
     def _final_meta(self, position: int | None = None) -> dict[str, Any]:
         masks = self.processed_masks()
         processed: Any = masks if position is None else masks[position]
-        return {**self._meta, "processed": processed, "planes_processed": self.frames_written}
+        return {
+            **self._meta,
+            **self.extra,
+            "processed": processed,
+            "planes_processed": self.frames_written,
+        }
 
 
 class OmeTiffResultWriter(_BaseResultWriter):

@@ -96,6 +96,60 @@ class TrainResult:
     history: list[dict[str, Any]]
     last_path: Path
     notes: list[str] = field(default_factory=list)
+    consistency: dict[str, Any] = field(default_factory=dict)  # the monitor's calibration
+
+
+CALIBRATION_FRAMES = 16
+
+
+def _calibration_frames(
+    val_source: PairSource | None, train_source: PairSource, wanted: int
+) -> tuple[list[np.ndarray], str]:
+    """Validation EPI frames; fewer than `wanted` are topped up with their four quadrants
+    (frames of >= 256 px), then with training frames (which the model fits more closely,
+    so they make the monitor stricter). Returns the frames and what they are."""
+    val = [p.epi for p in (val_source.pairs if val_source is not None else [])]
+    frames, parts = list(val), [f"{len(val)} validation frames"]
+    if len(frames) < wanted and val and min(val[0].shape[-2:]) >= 256:
+        quads = [q for f in val for q in _quadrants(f)]
+        frames += quads
+        parts.append(f"their {len(quads)} quadrants")
+    if len(frames) < wanted:
+        extra = [p.epi for p in train_source.pairs[: wanted - len(frames)]]
+        frames += extra
+        parts.append(f"{len(extra)} training frames")
+    return frames, " + ".join(parts)
+
+
+def _quadrants(frame: np.ndarray) -> list[np.ndarray]:
+    h, w = frame.shape[-2] // 2, frame.shape[-1] // 2
+    return [frame[..., y : y + h, x : x + w] for y in (0, h) for x in (0, w)]
+
+
+def calibrate_monitor(
+    checkpoint: Path, val_source: PairSource | None, train_source: PairSource
+) -> dict[str, Any]:
+    """Calibrate the consistency monitor on the run's validation frames (see
+    `_calibration_frames`) and store it in the best checkpoint; {} when there are too
+    few frames, no checkpoint, or on a non-main distributed process."""
+    from ctirf_live.inference.consistency import (
+        MIN_CALIBRATION_FRAMES,
+        calibrate,
+        record_calibration,
+    )
+    from ctirf_live.inference.restorer import Restorer
+
+    frames, what = _calibration_frames(val_source, train_source, CALIBRATION_FRAMES)
+    if (
+        len(frames) < MIN_CALIBRATION_FRAMES
+        or train_source.pairs[0].epi.ndim != 2
+        or not Path(checkpoint).is_file()
+        or not distributed.is_main_process()
+    ):
+        return {}
+    calibration = calibrate(Restorer(checkpoint, device="cpu"), frames, what)
+    record_calibration(checkpoint, calibration)
+    return calibration
 
 
 def seed_everything(seed: int) -> None:
@@ -193,6 +247,7 @@ def train(
     )
     result = run.fit(resume, progress, log_every, on_step, on_epoch)
     result.notes[:0] = notes
+    result.consistency = calibrate_monitor(result.best_path, val_source, train_source)
     return result
 
 
@@ -245,6 +300,7 @@ def finetune(
     )
     result = run.fit(resume, progress, log_every, on_step, on_epoch)
     result.notes[:0] = notes
+    result.consistency = calibrate_monitor(result.best_path, val_source, train_source)
     return result
 
 
