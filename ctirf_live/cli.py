@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from ctirf_live import __version__
+from ctirf_live.cli_export import export_command
 from ctirf_live.clihelp import FlagCommand, FlagGroup
 
 app = typer.Typer(
@@ -1247,3 +1248,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+app.command("export", cls=FlagCommand)(user_errors(export_command))
+
+

@@ -48,6 +48,10 @@ BEST_NAME = f"best{SUFFIX}"  # what a training run folder stands for
 WEIGHTS_DIR = Path(__file__).parent.parent / "weights"
 
 _NOT_FOUND_HINT = "list available models with `ctirf models`"
+# a bioimage.io zip that `ctirf export` wrote carries this checkpoint, named in config.ctirf
+BIOIMAGEIO_FORMAT = "ctirf-bioimageio"
+BIOIMAGEIO_FORMAT_VERSION = 1
+BIOIMAGEIO_CHECKPOINT = "ctirf.safetensors"
 _MAX_KEYS_SHOWN = 3
 
 
@@ -279,9 +283,12 @@ def list_checkpoints(extra_dirs: Sequence[Path] = ()) -> list[CheckpointInfo]:
 
 
 def resolve_checkpoint(name_or_path: str | Path, extra_dirs: Sequence[Path] = ()) -> Path:
-    """The one model resolver of every command: a checkpoint file, a run folder (its
-    `best.safetensors`), or a shipped (or `extra_dirs`) model by name (file stem)."""
+    """The one model resolver of every command: a checkpoint file, a bioimage.io zip that
+    `ctirf export` wrote, a run folder (its `best.safetensors`), or a shipped (or
+    `extra_dirs`) model by name (file stem)."""
     candidate = Path(name_or_path)
+    if candidate.is_file() and candidate.suffix.lower() == ".zip":
+        return checkpoint_in_package(candidate)
     if candidate.is_file():
         return candidate
     if candidate.is_dir():
@@ -300,6 +307,38 @@ def resolve_checkpoint(name_or_path: str | Path, extra_dirs: Sequence[Path] = ()
         f"no checkpoint file, run folder or model named {str(name_or_path)!r}; available "
         f"models: {listing}; or pass a {SUFFIX} file or a training output folder"
     )
+
+
+def checkpoint_in_package(package: Path) -> Path:
+    """The ctirf checkpoint inside a bioimage.io zip `ctirf export` wrote, unpacked once
+    into the user cache (by content hash); a foreign bioimage.io package is refused."""
+    import hashlib
+    import os
+    import zipfile
+
+    import yaml
+
+    try:
+        with zipfile.ZipFile(package) as zf:
+            rdf = yaml.safe_load(zf.read("rdf.yaml")) if "rdf.yaml" in zf.namelist() else None
+            ours = ((rdf or {}).get("config") or {}).get("ctirf") or {}
+            member = ours.get("checkpoint") if ours.get("format") == BIOIMAGEIO_FORMAT else None
+            if not isinstance(rdf, dict) or not member or member not in zf.namelist():
+                what = f"bioimage.io model {rdf.get('name')!r}" if isinstance(rdf, dict) else "zip"
+                raise CheckpointError(
+                    f"{package} is not a ctirf-live package ({what} without ctirf's checkpoint);"
+                    " run it with bioimageio.core, or pass a model `ctirf export` wrote"
+                )
+            data = zf.read(member)
+    except (zipfile.BadZipFile, yaml.YAMLError, OSError) as exc:
+        raise CheckpointError(_corrupt(package, exc)) from None
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ctirf-live"
+    path = cache / "packages" / f"{package.stem}-{digest}{SUFFIX}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return path
 
 
 def _run_folder_best(folder: Path) -> Path:

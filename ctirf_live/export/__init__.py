@@ -1,0 +1,1 @@
+"""Share models the field's way: bioimage.io model packages (`ctirf export`)."""
