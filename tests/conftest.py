@@ -9,6 +9,14 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Restorers use torch unless a test asks for ONNX Runtime (exporting a graph for every
+# random tiny model would only slow the suite); exported graphs stay out of ~/.cache
+os.environ.setdefault("CTIRF_BACKEND", "torch")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("CTIRF_CACHE_DIR", str(tmp_path_factory.mktemp("ctirf-cache")))
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CFG = REPO / "acquisition_configs" / "ctirf_demo.cfg"

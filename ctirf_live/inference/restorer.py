@@ -6,13 +6,22 @@ shares one scale) -> reflect padding of the edges -> overlapping tiles -> batche
 ET2dNet handles frames `(Y, X)` and series `(N, Y, X)` slice by slice; ET3dNet takes
 stacks `(Z, Y, X)` with the planes it was trained on, or `(T, Z, Y, X)`.
 
-On CUDA it runs in half precision (autocast) after a warm-up; when the GPU runs out of
-memory it retries with smaller tiles and, as a last resort, moves to the CPU.
+A frame no larger than the tile runs in one forward pass (the edge padding never splits
+it into tiles); on CUDA the whole frame does (e.g. 2048x2048), as long as memory allows.
+
+Inference runs a copy of the network with BatchNorm folded into the convolutions
+(`models/fold.py`). Backends: `torch`, or `onnx` (ONNX Runtime for the backbone, the PSF
+convolution in torch; `inference/onnx_backend.py`), which `auto` picks on the CPU when
+onnxruntime is installed (`CTIRF_BACKEND=torch` turns that off). On CUDA it runs in half
+precision (autocast) with cuDNN autotuning; `compile=True` adds `torch.compile` with
+static shapes (CUDA graphs on a GPU). When the GPU runs out of memory it falls back to
+tiles, then smaller tiles and, as a last resort, moves to the CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +29,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ctirf_live.config import Optics
 from ctirf_live.data.normalize import normalize
-from ctirf_live.inference.tiling import Blender, iter_batches, plan_tiles
+from ctirf_live.inference.onnx_backend import OnnxBackbone, onnxruntime_available
+from ctirf_live.inference.tiling import Blender, Tile, iter_batches, plan_tiles
 from ctirf_live.models.device import select_device
-from ctirf_live.models.etnet import ETNet, load_model
+from ctirf_live.models.etnet import ETNet, ETOutput, load_model
+from ctirf_live.models.fold import fold_batchnorm
+from ctirf_live.models.onnx_export import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +49,30 @@ EDGE_PAD = 16
 OUTPUTS = ("ctirf", "g", "background", "recon", "ctirf+recon")
 # "recon" is the network's reconstructed EPI x^ = g * psf + b; "ctirf+recon" returns both
 # from one forward pass, stacked on a new leading axis (for the consistency monitor)
+BACKENDS = ("auto", "torch", "onnx")
+BACKEND_ENV = "CTIRF_BACKEND"  # what `auto` means when set: torch or onnx
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`torch` or `onnx` for a requested backend on a device (see the module docstring)."""
+    choice = str(backend).lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    if choice == "auto":
+        env = os.environ.get(BACKEND_ENV, "").strip().lower()
+        if env in ("torch", "onnx"):
+            choice = env
+        else:
+            return "onnx" if device.type == "cpu" and onnxruntime_available() else "torch"
+    if choice == "onnx":
+        if device.type != "cpu":
+            raise ValueError(
+                f"the onnx backend runs on the CPU, not {device}; use --device cpu "
+                "or --backend torch"
+            )
+        if not onnxruntime_available():
+            raise ValueError(f"the onnx backend needs ONNX Runtime: {INSTALL_HINT}")
+    return choice
 
 
 def pixel_size_warning(model_optics: Optics, pixel_size_um: float | None) -> str | None:
@@ -66,14 +103,31 @@ class Restorer:
         batch_size: int = 4,
         percentile: float | None = None,
         metadata: dict[str, Any] | None = None,
+        backend: str = "auto",
+        whole_frame: bool | None = None,
+        compile: bool = False,
+        fold: bool = True,
     ) -> None:
         self.device = select_device(device)
+        self.backend = resolve_backend(backend, self.device)
         if isinstance(model, ETNet):
             self.model, self.metadata = model, dict(metadata or {})
         else:
             self.model, self.metadata = load_model(model, "cpu")
         self.model = self.model.to(self.device).eval()
+        # `model` stays as given (it may be saved or trained on); inference runs a copy
+        self.inference_model = fold_batchnorm(self.model) if fold else self.model
         self.half = (self.device.type == "cuda") if half is None else bool(half)
+        self.whole_frame = (self.device.type == "cuda") if whole_frame is None else whole_frame
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned kernels pay off
+        self._onnx = OnnxBackbone(self.inference_model) if self.backend == "onnx" else None
+        self._compiled: Any = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+            self._compiled = torch.compile(
+                self.inference_model.backbone, dynamic=False, mode=mode
+            )
         if tile % 32 or tile < 64:
             raise ValueError(f"tile must be a multiple of 32 and >= 64, got {tile}")
         self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
@@ -99,6 +153,7 @@ class Restorer:
             "percentile": self.percentile,
             "device": str(self.device),
             "half_precision": self.half,
+            "backend": self.backend,
         }
 
     # -- public API -------------------------------------------------------------------
@@ -128,6 +183,14 @@ class Restorer:
         raise ValueError(f"{self.model.name} expects {kind}, got shape {arr.shape}")
 
     __call__ = restore
+
+    def restore_normalised(self, norm: np.ndarray, output: str = "ctirf") -> np.ndarray:
+        """The network on an item already normalised (and edge-padded) by the caller,
+        tiled, windowed and blended as `restore` does; the result stays normalised.
+        For chunk-wise processing, where a block's scale is its whole frame's."""
+        if self.dims == 3:
+            return self._run_windows(np.asarray(norm, np.float32), output)
+        return self._run_tiled(np.asarray(norm, np.float32), output)
 
     # -- internals --------------------------------------------------------------------
 
@@ -211,6 +274,10 @@ class Restorer:
                 return self._tiled_pass(norm, output, tile)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
+                if self.whole_frame:
+                    self.whole_frame = False
+                    log.warning("CUDA out of memory for the whole frame: using %d px tiles", tile)
+                    continue
                 if tile > 128:
                     tile //= 2
                     log.warning("CUDA out of memory: retrying with %d px tiles", tile)
@@ -221,10 +288,21 @@ class Restorer:
                 )
                 self.device = torch.device("cpu")
                 self.model = self.model.to(self.device)
+                self.inference_model = self.inference_model.to(self.device)
+                self._compiled = None
                 self.half = False
 
+    def plan(self, shape: Sequence[int], tile: int | None = None) -> list[Tile]:
+        """Tiles of an edge-padded frame `(Y, X)`: one tile for the whole frame when the
+        frame fits the tile before its padding, or always with `whole_frame` (CUDA)."""
+        tile = self.tile if tile is None else tile
+        ny, nx = int(shape[-2]), int(shape[-1])
+        if self.whole_frame or max(ny, nx) <= tile + 2 * EDGE_PAD:
+            return [Tile(0, ny, 0, nx)]
+        return plan_tiles((ny, nx), tile, min(self.overlap, tile // 2))
+
     def _tiled_pass(self, norm: np.ndarray, output: str, tile: int) -> np.ndarray:
-        tiles = plan_tiles(norm.shape[-2:], tile, min(self.overlap, tile // 2))
+        tiles = self.plan(norm.shape[-2:], tile)
         if len(tiles) == 1:
             return self._forward(norm[None], output)[0]
         shape = (2, *norm.shape) if output == "ctirf+recon" else norm.shape
@@ -242,13 +320,27 @@ class Restorer:
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray, output: str) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
-        x = x.to(self.device, non_blocking=True)
-        if self.half and self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                out = self.model(x)
-        else:
-            out = self.model(x)
+        out = self.forward(x.to(self.device, non_blocking=True))
         if output == "ctirf+recon":
             return torch.cat([out.ctirf, out.recon], 1).float().cpu().numpy()
         result = {"ctirf": out.ctirf, "g": out.g, "background": out.b, "recon": out.recon}[output]
         return result[:, 0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> ETOutput:
+        """The network on a normalised batch `(B, 1, [Z,] Y, X)` already on `self.device`,
+        through the chosen backend (folded torch, ONNX Runtime, or compiled)."""
+        if self._onnx is not None and x.device.type == "cpu":
+            maps = self._onnx.maps(x.float())
+            if maps is not None:
+                return self.inference_model.outputs(maps[:, 0:1], maps[:, 1:2])
+        if self.half and x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self._torch_forward(x)
+        return self._torch_forward(x)
+
+    def _torch_forward(self, x: torch.Tensor) -> ETOutput:
+        if self._compiled is None:
+            return self.inference_model(x)
+        raw = self._compiled(x)
+        return self.inference_model.outputs(F.softplus(raw[:, 0:1]), F.softplus(raw[:, 1:2]))

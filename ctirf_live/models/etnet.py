@@ -69,6 +69,12 @@ def make_psf(
     return np.asarray(psf_3d(optics, offsets, size, model=model))
 
 
+def _central_plane(kernel: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The in-focus plane of a 3D PSF as a one-plane 3D kernel (per-plane 2D blur)."""
+    arr = np.asarray(kernel.detach().cpu() if isinstance(kernel, torch.Tensor) else kernel)
+    return np.ascontiguousarray(arr[arr.shape[0] // 2][None], np.float32)
+
+
 class ETNet(nn.Module):
     """EViT-UNet backbone + PSF forward model; `dims=2` is ET2dNet, `dims=3` ET3dNet."""
 
@@ -98,6 +104,10 @@ class ETNet(nn.Module):
         if kernel.ndim != dims:
             raise ValueError(f"a {dims}D network needs a {dims}D PSF, got shape {kernel.shape}")
         self.forward_model = PSFConvolution(kernel)
+        # 3D: the widefield PSF makes the reconstructed EPI stack, but the cTIRF stack is
+        # each plane's content imaged with the in-focus PSF alone (the central plane),
+        # as cTIRF of a frame is g * in-focus psf; else it would carry the blur back in
+        self.section_model = PSFConvolution(_central_plane(kernel)) if dims == 3 else None
 
     @property
     def name(self) -> str:
@@ -111,14 +121,40 @@ class ETNet(nn.Module):
             self.psf_model = "measured"
         else:
             self.psf_model = model
-        self.forward_model.set_psf(psf if psf is not None else make_psf(optics, self.dims, model))
+        kernel = psf if psf is not None else make_psf(optics, self.dims, model)
+        self.forward_model.set_psf(kernel)
+        if self.section_model is not None:
+            self.section_model.set_psf(_central_plane(kernel))
 
     def forward(self, x: torch.Tensor) -> ETOutput:
         raw = self.backbone(x)
-        g = F.softplus(raw[:, 0:1])
-        b = F.softplus(raw[:, 1:2])
-        ctirf = self.forward_model(g)
-        return ETOutput(g=g, b=b, ctirf=ctirf, recon=ctirf + b)
+        return self.outputs(F.softplus(raw[:, 0:1]), F.softplus(raw[:, 1:2]))
+
+    def outputs(self, g: torch.Tensor, b: torch.Tensor) -> ETOutput:
+        """All outputs from the backbone's maps `g` and `b` (the PSF forward model in torch;
+        used when the backbone ran elsewhere, e.g. in ONNX Runtime)."""
+        blurred = self.forward_model(g)
+        ctirf = blurred if self.section_model is None else self.section_model(g)
+        return ETOutput(g=g, b=b, ctirf=ctirf, recon=blurred + b)
+
+    def slicewise_view(self, g: torch.Tensor) -> torch.Tensor:
+        """What a 2D model run plane by plane reports of the volume `g` (B, 1, Z, Y, X).
+
+        A frame's pseudo-GT holds everything that still looks in focus there: an emitter
+        a distance d off the plane enters it with the relative peak of its defocused image,
+        psf(d).max() / psf(0).max() (0.6 at 0.2 um for NA 1.5 into water, 0.25 at 0.5 um;
+        the shipped ET2dNet's measured filament survival follows it). So an ET2dNet
+        teacher's slice-wise stack is `g` blurred along Z by that profile, and ET3dNet
+        learns the volume `g` that, viewed this way, matches it (distillation), while
+        `g * psf3d + b` must explain the measured stack.
+        """
+        if self.dims != 3:
+            raise ValueError("slicewise_view is for 3D (ET3dNet) outputs")
+        psf = self.forward_model.psf
+        peaks = psf.amax(dim=(-2, -1))
+        profile = (peaks / peaks[psf.shape[0] // 2]).to(g.dtype)
+        weight = profile.reshape(1, 1, -1, 1, 1)
+        return F.conv3d(g, weight, padding=(psf.shape[0] // 2, 0, 0))
 
     def arch_config(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this network."""
