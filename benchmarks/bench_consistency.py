@@ -1,0 +1,161 @@
+"""How well the consistency monitor separates frames unlike the shipped model's training data.
+
+    nice -n 10 python -m benchmarks.bench_consistency --roi 192 --frames 9
+
+The shipped 60X model (trained on factin, membrane and tissue) is calibrated on simulated
+in-distribution frames (all three families, slide seed 21); then held-out sets are scored:
+in-distribution (seed 22: a flag is a false flag), and four that should be flagged (a
+missed one is a miss): out of focus (focus 1, 2 or 3 um above the coverslip), a foreign
+specimen (fluorescent beads on and above the coverslip, which the model never saw), the
+100X rig's frames, and pure camera noise. Also measured: the cost of the scores, i.e. the
+time of the scores against the forward pass they come from, same device and frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from benchmarks.results import update_section
+from ctirf_live.data.loaders import PairSource, simulated_fields
+from ctirf_live.inference.consistency import (
+    PARTS,
+    SCORES,
+    ConsistencyMonitor,
+    calibrate,
+    plane_scores,
+)
+from ctirf_live.inference.restorer import Restorer
+from ctirf_live.inference.runners import forward_parts
+
+FAMILIES = ("factin", "membrane", "tissue")
+
+
+def in_focus(n: int, seed: int, roi: int, objective: str = "60X") -> list[np.ndarray]:
+    return [
+        p.epi
+        for p in PairSource.synthetic(
+            n, objective, seed=seed, roi=roi, progress=False, families=FAMILIES
+        ).pairs
+    ]
+
+
+def out_of_focus(n: int, seed: int, roi: int) -> list[np.ndarray]:
+    frames = []
+    for i, (scope, (x, y)) in enumerate(simulated_fields(n, FAMILIES, "60X", seed, roi)):
+        scope.xy_um, scope.exposure_ms, scope.z_um = (x, y), 50.0, (1.0, 2.0, 3.0)[i % 3]
+        scope.set_illumination("EPI")
+        frames.append(scope.snap().astype(np.float32))
+        scope.clear_cache()
+    return frames
+
+
+def beads(n: int, seed: int, roi: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for scope, _ in simulated_fields(n, ("factin",), "60X", seed, roi):
+        volume = np.zeros((3, roi, roi), np.float32)
+        k = int(rng.integers(20, 80))
+        volume[rng.integers(0, 3, k), rng.integers(0, roi, k), rng.integers(0, roi, k)] = (
+            30.0 * rng.lognormal(0.0, 0.3, k)
+        )
+        scope.set_specimen_override(volume, [0.0, 0.3, 1.0])
+        scope.exposure_ms = 50.0
+        scope.set_illumination("EPI")
+        frames.append(scope.snap().astype(np.float32))
+        scope.clear_cache()
+    return frames
+
+
+def noise(n: int, seed: int, roi: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [
+        (100 + rng.poisson(rng.uniform(50, 500), (roi, roi)) + rng.normal(0, 2, (roi, roi)))
+        .astype(np.float32)
+        for _ in range(n)
+    ]
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` timed calls after one warm-up (the machine is shared)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--roi", type=int, default=192)
+    parser.add_argument("--frames", type=int, default=9, help="frames per held-out set")
+    parser.add_argument("--calibration", type=int, default=24, help="calibration frames")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cost-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    restorer = Restorer("et2dnet_s0_60x_sim", device="cpu")
+    roi, n = args.roi, args.frames
+    calibration = calibrate(restorer, in_focus(args.calibration, 21, roi), "bench seed 21")
+    monitor = ConsistencyMonitor(restorer, calibration)
+    sets = {
+        "in-distribution (held out)": (in_focus(n, 22, roi), False),
+        "out of focus (1-3 um)": (out_of_focus(n, 23, roi), True),
+        "foreign specimen (beads)": (beads(n, 25, roi), True),
+        "100X rig": (in_focus(n, 24, roi, "100X"), True),
+        "pure noise": (noise(n, 26, roi), True),
+    }
+    rows = []
+    for name, (frames, should_flag) in sets.items():
+        verdicts = [monitor.restore(f).planes[0] for f in frames]
+        flagged = sum(bool(v.flagged) for v in verdicts)
+        rate = flagged / len(frames)
+        by = {s: sum(f"{s} " in v.reason for v in verdicts) for s in SCORES}
+        which = ", ".join(f"{s} {k}" for s, k in by.items() if k) or "-"
+        kind = "miss rate" if should_flag else "false-flag rate"
+        value = 1 - rate if should_flag else rate
+        rows.append(f"| {name} | {len(frames)} | {flagged} | {kind} {value:.0%} | {which} |")
+        print(rows[-1], flush=True)
+
+    side = args.cost_size
+    frame = torch.from_numpy(in_focus(1, 27, side)[0])
+    norm, parts, _ = forward_parts(restorer, frame, PARTS)
+    planes = norm[None]
+    maps = [p[None] for p in parts]
+    plain = _best(lambda: forward_parts(restorer, frame, PARTS), args.repeats)
+    scoring = _best(lambda: plane_scores(planes, *maps, restorer.optics), args.repeats)
+    cost = scoring / plain
+    print(f"cost: forward {plain * 1000:.0f} ms, scores {scoring * 1000:.1f} ms ({cost:.1%})")
+    text = f"""Command: `nice -n 10 python -m benchmarks.bench_consistency --roi {roi} --frames {n}
+--calibration {args.calibration} --threads {args.threads}` (CPU, shared machine).
+
+The shipped `et2dnet_s0_60x_sim`, calibrated on {calibration["frames"]} simulated 60X frames
+({roi} px, factin/membrane/tissue, seed 21), flagging at p99 widened by its distance to the
+median (the defaults). Foreign specimen: beads (a specimen the model never saw).
+
+| held-out set | frames | flagged | rate | scores that flagged |
+| --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+Cost of the scores on the CPU (1 thread) at {side}x{side} px, fastest of {args.repeats}:
+the tiled forward pass {plain * 1000:.0f} ms, the scores on its outputs {scoring * 1000:.1f} ms
+({cost:.1%} of the forward); not measured on a GPU (none in this session).
+
+Reading: pure noise is flagged by the residual scores. Out-of-focus frames are hard for a
+physics test: focused 1-3 um deep, the EPI frame shows dorsal structure in focus that
+the in-focus PSF explains as well as ventral structure, so x^ still matches x; beads and
+the 100X rig move the noise, misfit and in-focus scores, but the in-distribution spread
+over three families and 10-100 ms exposures is wide, so single frames are often missed.
+"""
+    update_section("Consistency monitor: false flags and misses", text)
+
+
+if __name__ == "__main__":
+    main()
