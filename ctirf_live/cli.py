@@ -53,6 +53,10 @@ PolicyOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None, typer.Option(min=1, help="torch CPU threads (default: torch's own)")
 ]
+LiveThreadsOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="model CPU threads (default: cores - 1, one left to acquisition)"),
+]
 ConfigOpt = Annotated[
     Path,
     typer.Option("--config", "-c", help="Micro-Manager .cfg (acquisition_configs/ctirf_demo.cfg)"),
@@ -241,6 +245,7 @@ def process(
         typer.Option(help="Channels to restore, comma-separated, or all; others are left out"),
     ] = "EPI",
     device: DeviceOption = "auto",
+    backend: BackendOption = "auto",
     tile: TileOpt = 512,
     threads: ThreadsOpt = None,
     overwrite: Annotated[
@@ -253,7 +258,7 @@ def process(
 
     wanted = [c.strip() for c in channels.split(",") if c.strip()]
     with _torch_threads(threads):
-        restorer = Restorer(model, device=device, tile=tile)
+        restorer = Restorer(model, device=device, tile=tile, backend=backend)
         report, update = _progress("cTIRF", unit="planes" if restorer.dims == 2 else "stacks")
         with report:
             path, warnings = process_file(
@@ -280,6 +285,13 @@ KeepResumeOption = Annotated[
     bool, typer.Option(help="Keep resume.state (~80 MB for S0) after the run completes")
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps")]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        metavar="auto|torch|onnx",
+        help="model backend: auto (ONNX Runtime on the CPU when installed), torch, onnx",
+    ),
+]
 VariantOption = Annotated[str, typer.Option(help=VARIANT_HELP)]
 CropOption = Annotated[int | None, typer.Option(min=32, help=CROP_HELP)]
 EpochsOption = Annotated[int | None, typer.Option(min=1, help="Epochs (default 200)")]
@@ -649,9 +661,10 @@ def acquire(
         str, typer.Option("--format", metavar="ome-tiff|ome-zarr", help="Store format (any case)")
     ] = "ome-tiff",
     device: DeviceOption = "auto",
+    backend: BackendOption = "auto",
     channels: Annotated[str, typer.Option(help="Presets to process, comma-separated")] = "EPI",
     tile: TileOpt = 512,
-    threads: ThreadsOpt = None,
+    threads: LiveThreadsOpt = None,
     queue_size: Annotated[int, typer.Option("--queue-size", help="Frames held in memory")] = 4,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs in --out")] = False,
 ) -> None:
@@ -675,7 +688,7 @@ def acquire(
     device, warning = resolve_device(device)
     if warning:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    restorer = Restorer(model, device=device, tile=tile)
+    restorer = Restorer(model, device=device, tile=tile, backend=backend)
     report, _ = _progress("acquiring", unit="frames")
     with _torch_threads(threads), open_core(config) as core:
         rig = check_rig(core, config)
@@ -694,6 +707,7 @@ def acquire(
                 overwrite=overwrite,
                 progress=report_progress(report),
                 limits=stage_limits(core, config),
+                threads=threads,
             )
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -778,8 +792,9 @@ def live(
     model: Annotated[str, typer.Option("--model", "-m", help="checkpoint path or shipped name")],
     policy: PolicyOpt = "preview",
     device: DeviceOption = "auto",
+    backend: BackendOption = "auto",
     tile: TileOpt = 512,
-    threads: ThreadsOpt = None,
+    threads: LiveThreadsOpt = None,
     sequence: Annotated[
         Path | None, typer.Option("--sequence", "-s", help="useq sequence for Run MDA")
     ] = None,
@@ -817,6 +832,8 @@ def live(
             output_dir=out,
             objective=objective,
             tile=tile,
+            backend=backend,
+            threads=threads,
         )
     if code:
         raise typer.Exit(code)

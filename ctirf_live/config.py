@@ -197,6 +197,10 @@ class LiveSettings(BaseModel):
     tile: int = Field(512, ge=64)
     overlap: int = Field(32, ge=0)
     half_precision: bool = True
+    threads: int | None = Field(
+        None, ge=1, description="model CPU threads; None: cores - 1, at least 1"
+    )
+    backend: Literal["auto", "torch", "onnx"] = "auto"
 
 
 ILLUMINATION_GROUP = "Illumination"

@@ -350,9 +350,16 @@ class LiveWindow(QMainWindow):
         from ctirf_live.inference.live import LiveProcessor
 
         old: Restorer = self.processor.restorer
-        restorer = Restorer(model, device=old.device, tile=old.tile, overlap=old.overlap)
+        restorer = Restorer(
+            model,
+            device=old.device,
+            tile=old.tile,
+            overlap=old.overlap,
+            backend=getattr(old, "backend", "auto"),
+        )
         channels = tuple(getattr(self.processor, "channels", (EPI_PRESET,)))
-        return LiveProcessor(restorer, policy=policy, channels=channels)
+        threads = getattr(self.processor, "threads", None)
+        return LiveProcessor(restorer, policy=policy, channels=channels, threads=threads)
 
     def _on_model_chosen(self, index: int) -> None:
         data = self.model_combo.itemData(index)
@@ -688,9 +695,12 @@ def run_live_window(
     output_dir: Path | None = None,
     objective: str | None = None,
     tile: int = 512,
+    backend: str = "auto",
+    threads: int | None = None,
 ) -> int:
     """Open the rig on `objective` (default: the active one), check the model was trained
-    for its optics, and run the live window (`tile`-px tiles); returns the Qt exit code."""
+    for its optics, and run the live window (`tile`-px tiles, the model on `backend` with
+    `threads` CPU threads); returns the Qt exit code."""
     from ctirf_live.acquisition.core import check_rig, open_core
     from ctirf_live.acquisition.objective import check_model_optics, select_objective
     from ctirf_live.inference.live import LiveProcessor
@@ -698,11 +708,11 @@ def run_live_window(
     # psygnal core events: processing and acquisition never wait for the GUI thread
     os.environ.setdefault("PYMM_SIGNALS_BACKEND", "psygnal")
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    restorer = Restorer(model, device=device, tile=tile)
+    restorer = Restorer(model, device=device, tile=tile, backend=backend)
     with open_core(config) as core:
         rig = check_rig(core, config)
         check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
-        processor = LiveProcessor(restorer, policy=policy)
+        processor = LiveProcessor(restorer, policy=policy, threads=threads)
         window = LiveWindow(
             core, processor, rig=rig, sequence_path=sequence_path, output_dir=output_dir
         )

@@ -222,6 +222,7 @@ def acquire(
     limits: StageLimits | None = None,
     reserve_bytes: int = RESERVE_BYTES,
     consistency: ConsistencyMonitor | bool | None = None,
+    threads: int | None = None,
 ) -> AcquireResult:
     """Run `sequence` with raw + cTIRF storage; returns the result (and writes summary.json).
 
@@ -233,7 +234,8 @@ def acquire(
     counted in the summary). Raises AcquireError, after writing the summary, when a
     raw frame is missing from the raw store or the disk filled up. `consistency` is the
     LiveProcessor's (default: the model's own calibration); its per-frame scores go to
-    the summary and beside the cTIRF store.
+    the summary and beside the cTIRF store. `threads`: the model's CPU threads (default:
+    cores - 1, see `LiveProcessor`).
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -264,6 +266,7 @@ def acquire(
         spill_dir=out / SPILL,
         space_check=budget.allows,
         consistency=consistency,
+        threads=threads,
     )
     budget.frames_done = lambda: processor.frames_received
     processor.warm_up((height, width))

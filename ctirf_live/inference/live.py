@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from psygnal import Signal
 
 from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP
@@ -128,11 +129,14 @@ class LiveProcessor:
         warmup: bool = True,
         space_check: Callable[[int], bool] | None = None,
         consistency: ConsistencyMonitor | bool | None = None,
+        threads: int | None = None,
     ) -> None:
         """`consistency`: a monitor, False for none, or None: one built from the model's
         own calibration whenever `restorer` is a `Restorer` (the scores come from the
-        same forward pass; they are recorded beside the result store)."""
+        same forward pass; they are recorded beside the result store). `threads`: CPU
+        threads of the model (default `worker_threads()`: cores - 1, at least 1)."""
         self.restorer = restorer
+        self.threads = worker_threads(threads)
         self.channels = tuple(channels)
         self.channel_group = channel_group
         self.stack_mode = restorer.dims == 3 if stack_mode is None else bool(stack_mode)
@@ -483,6 +487,7 @@ class LiveProcessor:
 
     def _run(self) -> None:
         _lower_thread_priority()
+        _set_torch_threads(self.threads)
         pending: tuple[WorkItem, Any] | None = None
         while True:
             if pending is None:
@@ -645,6 +650,29 @@ class LiveProcessor:
         self._stats_dirty = False
         self._last_stats_emit = now
         self._emit(self.statsChanged, self.stats)
+
+
+def worker_threads(requested: int | None = None) -> int:
+    """CPU threads for the model: `requested`, or the usable cores - 1 (at least 1), so
+    one core stays free for the camera, acquisition and writer threads (with every core
+    computing, the same forward ran ~6x slower next to an acquisition)."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"threads must be at least 1, got {requested}")
+        return int(requested)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+def _set_torch_threads(n: int) -> None:
+    """Set torch's intra-op threads from the worker thread, where the model runs.
+
+    torch treats the count as process-wide (with its OpenMP backend, threads started
+    later inherit it, while an already running thread such as the main one keeps its own),
+    so during a live run this processor owns the setting; ONNX Runtime sessions made
+    afterwards take the same count (`onnx_backend.py`).
+    """
+    torch.set_num_threads(n)
 
 
 def _lower_thread_priority(step: int = WORKER_NICENESS) -> None:
