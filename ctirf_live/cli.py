@@ -251,12 +251,37 @@ def process(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output")
     ] = False,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            help="Chunk-wise with Dask: local (a cluster here), sync (this process) or a "
+            "scheduler address; none: in memory. auto: chunk-wise for OME-Zarr in or out"
+        ),
+    ] = "auto",
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="--scheduler local: workers (default one per GPU)")
+    ] = None,
+    block: Annotated[int, typer.Option(min=64, help="Chunk-wise: block side (px)")] = 2048,
 ) -> None:
     """Restore an EPI file to cTIRF offline; metadata kept, model recorded."""
+    from ctirf_live.inference.dask_process import ModelSpec, choose_scheduler, process_chunked
     from ctirf_live.inference.process import process_file
     from ctirf_live.inference.restorer import Restorer
 
     wanted = [c.strip() for c in channels.split(",") if c.strip()]
+    where = choose_scheduler(source, output, scheduler)
+    if where is not None:
+        spec = ModelSpec(model, device=device, tile=tile, threads=threads)
+        report, update = _progress(f"cTIRF on {where}", unit="blocks")
+        with report:
+            path, warnings = process_chunked(
+                source, output, spec, scheduler=where, channels=wanted, overwrite=overwrite,
+                block=block, workers=workers, progress=update,
+            )  # fmt: skip
+        for w in warnings:
+            err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"saved {path} (model {model}, chunk-wise)", highlight=False)
+        return
     with _torch_threads(threads):
         restorer = Restorer(model, device=device, tile=tile, backend=backend)
         report, update = _progress("cTIRF", unit="planes" if restorer.dims == 2 else "stacks")

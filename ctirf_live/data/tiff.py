@@ -24,9 +24,11 @@ from ctirf_live.atomic import atomic_write, atomic_write_json
 from ctirf_live.config import Optics
 
 __all__ = [
+    "SeriesLayout",
     "TiffInfo",
     "TiffSeries",
     "atomic_write_json",
+    "read_ome_layout",
     "read_ome_series",
     "read_ome_tiff",
     "write_ome_tiff",
@@ -204,6 +206,41 @@ def read_ome_series(path: str | Path, *, first_only: bool = False) -> list[TiffS
                     info.metadata = _ctirf_json(xml)
                 file = Path(series.keyframe.parent.filehandle.path)
                 out.append(TiffSeries(_series_pixels(tif, series, i, file), info, file))
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable TIFF ({exc}); is the file complete?") from None
+    return out
+
+
+@dataclass
+class SeriesLayout:
+    """One OME series without its pixels: info, shape, dtype, and where to read it
+    (`tifffile.imread(file, series=index)`, or `aszarr=True` for parts of it)."""
+
+    info: TiffInfo
+    file: Path
+    index: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def read_ome_layout(path: str | Path) -> list[SeriesLayout]:
+    """What `read_ome_series` finds, without reading pixels (for chunk-wise processing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    out: list[SeriesLayout] = []
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata
+            images = _ome_images(xml) if xml else []
+            for i, series in enumerate(tif.series):
+                info = TiffInfo(axes=series.axes, name=series.name or "")
+                if i < len(images):
+                    _fill_info(images[i], info)
+                if xml:
+                    info.metadata = _ctirf_json(xml)
+                file = Path(series.keyframe.parent.filehandle.path)
+                out.append(SeriesLayout(info, file, i, tuple(series.shape), series.dtype))
     except (tifffile.TiffFileError, ValueError, OSError) as exc:
         raise ValueError(f"{path} is not a readable TIFF ({exc}); is the file complete?") from None
     return out
