@@ -189,7 +189,7 @@ def restore_scored(
             torch.cat([e[1] for e in each]),
             torch.stack([e[2] for e in each]),
         )
-    norm, parts, scale = forward_parts(restorer, x.float(), PARTS)
+    norm, parts, scale = forward_parts(restorer, x, PARTS)  # any dtype (uint16 on GPU)
     planes = norm.reshape(-1, *norm.shape[-2:])
     ctirf, recon, g = (p.reshape(planes.shape) for p in parts)
     scores = plane_scores(planes, ctirf, recon, g, restorer.optics)
