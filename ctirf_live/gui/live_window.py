@@ -1,14 +1,18 @@
 """The live window: raw EPI and cTIRF side by side while the microscope images.
 
-Rendering never touches the processing path: the processor's signals (emitted on its
-worker thread) and the MDA's frame signal (on the acquisition thread) only store the
-newest frame under a lock; a 30 Hz timer on the GUI thread draws whatever is newest.
-So a slow display drops frames from the screen, never from processing or from disk.
-Closing the window cancels a running MDA or live stream and waits for it and for the
-processor, both within one deadline (`CLOSE_TIMEOUT_S`): what is still running then is
-named in the log and the status bar, queued frames are dropped (the raw store has them)
-and the window closes; it never hangs. A run reads "saved" only once every queued frame
-is stored, and says how many raw frames and cTIRF planes were saved.
+Built from the ecosystem's parts: pymmcore-widgets for the microscope (Snap/Live,
+exposure, illumination and objective presets, stage and focus, the property browser and
+the MDA editor with its save box) and ndv for the images (histogram, LUTs, contrast,
+pixel values, t/p/c/z sliders). The window itself is thin over the Python API: a
+`LiveProcessor` restores frames on its own worker thread, `Restorer.restore` restores a
+snap on a short-lived thread; the Qt main thread never runs the model.
+
+Threads only hand frames over (`Inbox`); a 30 Hz timer on the GUI thread files them into
+the panes' buffers and a 4 Hz timer updates labels, statistics and the run state. While
+following the acquisition each pane shows its newest plane (the cTIRF pane lags the raw
+one by the processing time, and says how old its frame is); move a slider and both panes
+show the same position. Closing cancels a running MDA or live stream and waits for it and
+for the processor within one deadline (`CLOSE_TIMEOUT_S`), naming what still runs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,149 +35,60 @@ from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
     QComboBox,
+    QDockWidget,
     QFileDialog,
     QHBoxLayout,
     QLabel,
     QMainWindow,
-    QPushButton,
     QSplitter,
+    QStackedWidget,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
-from superqt import QLabeledDoubleRangeSlider
 
-from ctirf_live.acquisition.core import RigInfo, active_optics, set_illumination
-from ctirf_live.config import EPI_PRESET
-from ctirf_live.gui.canvas import ImageCanvas, ViewState
+from ctirf_live.acquisition.core import RigInfo, active_optics
+from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP
+from ctirf_live.gui.buffers import (
+    Inbox,
+    PlaneBuffer,
+    Received,
+    channel_name,
+    describe_index,
+    event_index,
+)
+from ctirf_live.gui.controls import CtirfMDAWidget, DevicePanel, run_folder_and_format
+from ctirf_live.gui.model_list import model_entries, search_folders
+from ctirf_live.gui.panes import ComparePane, ImagePane, ViewLink, format_age
+from ctirf_live.gui.stats import RunStats, stats_text, trust
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
-from ctirf_live.models.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 
-RENDER_INTERVAL_MS = 33  # ~30 Hz: faster than the eye needs, cheap when nothing is new
-STATS_INTERVAL_MS = 250  # the readout is throttled to 4 Hz whatever the processing rate
+RENDER_INTERVAL_MS = 33  # ~30 Hz: files new frames into the panes, syncs linked views
+STATUS_INTERVAL_MS = 250  # labels, statistics and run state at 4 Hz
 CLOSE_TIMEOUT_S = 60.0
 BROWSE = "Browse..."
 POLICIES = ("preview", "record")
+COMPARE_MODES = ("side by side", "overlay", "blink")
 WARNING_STYLE = "background: #7a5a00; color: white; padding: 4px; border-radius: 3px;"
+TIMES_KEPT = 4096  # acquisition times remembered for the age of cTIRF frames
 
 ProcessorFactory = Callable[[str, str], Any]
 
 
-class LatestFrames:
-    """The newest raw frame and the newest (raw, result) pair, from any thread.
-
-    Writers only swap references under a lock, so they cost nothing to the threads that
-    acquire and process; the GUI takes what is new at its own pace.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._raw: np.ndarray | None = None
-        self._result: np.ndarray | None = None
-
-    def put_raw(self, frame: np.ndarray) -> None:
-        with self._lock:
-            self._raw = frame
-
-    def put_result(self, raw: np.ndarray | None, result: np.ndarray) -> None:
-        with self._lock:
-            if raw is not None:
-                self._raw = raw
-            self._result = result
-
-    def take(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """New (raw, result) since the last call; None where nothing new arrived."""
-        with self._lock:
-            raw, result = self._raw, self._result
-            self._raw = self._result = None
-        return raw, result
-
-
-def display_plane(arr: np.ndarray) -> np.ndarray:
-    """The 2D plane to show: frames as they are, the middle plane of a z-stack."""
-    arr = np.asarray(arr)
-    while arr.ndim > 2:
-        arr = arr[arr.shape[0] // 2]
-    return arr
-
-
-class ImagePane(QWidget):
-    """A titled canvas with its contrast controls: 'auto' and a manual range slider."""
-
-    def __init__(self, title: str, view: ViewState, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.title = QLabel(f"<b>{title}</b>")
-        self.canvas = ImageCanvas(view, self)
-        self.auto = QCheckBox("auto")
-        self.auto.setChecked(True)
-        self.auto.setToolTip("contrast from the 0.1-99.9 percentiles of each frame")
-        self.slider = QLabeledDoubleRangeSlider(Qt.Orientation.Horizontal)
-        self.slider.setDecimals(0)
-        self.slider.setRange(0, 1)
-        self.slider.setValue((0, 1))
-        self.slider.setToolTip("manual contrast range (moving it turns 'auto' off)")
-        self._data_range: tuple[float, float] | None = None
-
-        controls = QHBoxLayout()
-        controls.addWidget(QLabel("contrast"))
-        controls.addWidget(self.auto)
-        controls.addWidget(self.slider, 1)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(2, 2, 2, 2)
-        layout.addWidget(self.title)
-        layout.addWidget(self.canvas, 1)
-        layout.addLayout(controls)
-
-        self.auto.toggled.connect(self._on_auto)
-        self.slider.valueChanged.connect(self._on_slider)
-        self.canvas.contrastChanged.connect(self._show_limits)
-
-    def show_frame(self, frame: np.ndarray) -> None:
-        """Display a frame; the slider's range grows to cover the data it has seen."""
-        plane = display_plane(frame)
-        step = max(1, plane.shape[0] // 256)
-        sample = plane[::step, ::step]
-        lo, hi = float(np.nanmin(sample)), float(np.nanmax(sample))
-        if self._data_range is None or lo < self._data_range[0] or hi > self._data_range[1]:
-            old = self._data_range or (lo, hi)
-            self._data_range = (min(lo, old[0]), max(hi, old[1], min(lo, old[0]) + 1))
-            self.slider.blockSignals(True)
-            value = self.slider.value()
-            self.slider.setRange(*self._data_range)
-            self.slider.setValue(value)
-            self.slider.blockSignals(False)
-        self.canvas.set_data(plane)
-
-    def _on_auto(self, checked: bool) -> None:
-        if checked:
-            self.canvas.set_auto_contrast(True)
-        else:
-            self.canvas.set_contrast(*self.slider.value())
-
-    def _on_slider(self, value: tuple[float, float]) -> None:
-        if self.auto.isChecked():
-            self.auto.blockSignals(True)
-            self.auto.setChecked(False)
-            self.auto.blockSignals(False)
-        self.canvas.set_contrast(*value)
-
-    def _show_limits(self, lo: float, hi: float) -> None:
-        self.slider.blockSignals(True)
-        low, high = self.slider.minimum(), self.slider.maximum()
-        if lo < low or hi > high:
-            self.slider.setRange(min(lo, low), max(hi, high))
-        self.slider.setValue((lo, hi))
-        self.slider.blockSignals(False)
+def _key(index: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(index.items()))
 
 
 class LiveWindow(QMainWindow):
-    """Raw | cTIRF with linked zoom/pan, contrast, statistics and acquisition controls.
+    """Microscope controls, raw | cTIRF panes, statistics and a trust indicator.
 
-    `processor` is a `LiveProcessor` (or anything with its signals and methods);
-    `make_processor(model, policy)` builds a new one when another model is chosen
-    (default: same device, tiles and channels as the current one). With `output_dir`,
-    each MDA saves raw and cTIRF stores in a new `run-YYYYmmdd-HHMMSS` folder there.
+    `processor` is a `LiveProcessor` (or anything with its signals, `stats`, `restorer`,
+    `attach_live`/`detach_live` and `stop`); `make_processor(model, policy)` builds a new
+    one when another model is chosen (default: same device and tiles). `output_dir`
+    presets the MDA save box; `sequence_path` loads a useq sequence into the MDA editor;
+    `model_dirs` are searched for local models besides `runs/` and the current model's.
     """
 
     def __init__(
@@ -185,87 +100,131 @@ class LiveWindow(QMainWindow):
         *,
         make_processor: ProcessorFactory | None = None,
         output_dir: str | Path | None = None,
+        model_dirs: Sequence[Path] = (),
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
         self.core = core
         self.rig = rig
-        self.sequence_path = Path(sequence_path) if sequence_path else None
         self.processor: Any = None
+        self.model_dirs = [Path(d) for d in model_dirs]
         self._make_processor = make_processor
-        self._latest = LatestFrames()
-        self._stats: Any = None
+        self._inbox = Inbox()
+        self._snapped: deque[tuple[np.ndarray, str | None, float]] = deque(maxlen=4)
         self._errors: deque[str] = deque(maxlen=20)
+        self._stats: Any = None
+        self._run = RunStats()
         self._mode = "idle"
         self._worker: threading.Thread | None = None
         self._closed = False
-        self._pixel_check_due = True
-        self._live_number: Any = None
         self._cancelled = False
-        self.output_dir = Path(output_dir) if output_dir else None
+        self._pixel_check_due = True
+        self._pixel_um: float | None = None
+        self._live_number: Any = None
+        self._times: dict[tuple, float] = {}
+        self._raw_shown: tuple[dict[str, int], float] | None = None
+        self._result_shown: tuple[dict[str, int], float | None] | None = None
+        self._result_raw: np.ndarray | None = None
+        self._residual: np.ndarray | None = None
+        self._programmatic = False
+        self._in_mda = False  # from the MDA's own events, in order with its imageSnapped
+        self._sequence: Any = None
+        self._writer_set = False
         self.run_dir: Path | None = None
         self.warning_text = ""
+        self.compare_pane: ComparePane | None = None
+        self.xz_panes: list[ImagePane] = []
 
         title = f"ctirf live · {rig.config_path.name}" if rig else "ctirf live"
         self.setWindowTitle(title)
         self._build_ui()
         self._set_processor(processor)
+        if sequence_path:  # first: loading a sequence also sets the save box from it
+            self.load_sequence(sequence_path)
+        if output_dir:
+            self.mda_widget.save_info.setValue(
+                {"save_dir": str(output_dir), "save_name": "run.ome.tiff",
+                 "format": "ome-tiff", "should_save": True}
+            )
         core.mda.events.frameReady.connect(self._on_mda_frame)
+        core.mda.events.sequenceStarted.connect(self._on_sequence_started)
+        core.mda.events.sequenceFinished.connect(self._on_sequence_finished)
+        core.events.imageSnapped.connect(self._on_image_snapped)
         core.events.pixelSizeChanged.connect(self._on_pixel_size_changed)
 
         self._render_timer = QTimer(self)
         self._render_timer.timeout.connect(self._render)
         self._render_timer.start(RENDER_INTERVAL_MS)
-        self._stats_timer = QTimer(self)
-        self._stats_timer.timeout.connect(self._refresh_status)
-        self._stats_timer.start(STATS_INTERVAL_MS)
+        self._status_timer = QTimer(self)
+        self._status_timer.timeout.connect(self._refresh_status)
+        self._status_timer.start(STATUS_INTERVAL_MS)
         self._refresh_status()
 
     # -- layout -----------------------------------------------------------------------
 
     def _build_ui(self) -> None:
-        self.view = ViewState(self)
-        self.raw_pane = ImagePane(f"Raw ({EPI_PRESET})", self.view)
-        self.ctirf_pane = ImagePane("cTIRF", self.view)
+        self.raw_pane = ImagePane(f"Raw ({EPI_PRESET})")
+        self.ctirf_pane = ImagePane("cTIRF", cmap="magma")
+        self.view_link = ViewLink([self.raw_pane, self.ctirf_pane])
+        for pane in (self.raw_pane, self.ctirf_pane):
+            pane.viewer.display_model.current_index.value_changed.connect(
+                lambda *_, p=pane: self._on_index_changed(p)
+            )
 
-        self.snap_button = QPushButton("Snap")
-        self.live_button = QPushButton("Live")
-        self.stop_button = QPushButton("Stop")
-        self.mda_button = QPushButton("Run MDA...")
         self.model_combo = QComboBox()
         self.model_combo.setMinimumContentsLength(24)
         self.model_combo.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
+        self.model_combo.setToolTip("checkpoint that restores the frames (Browse... for a file)")
         self.policy_combo = QComboBox()
         self.policy_combo.addItems(POLICIES)
         self.policy_combo.setToolTip(
             "preview: newest frame wins, skips frames the model cannot keep up with; "
             "record: every frame is processed (backlog waits on disk)"
         )
-        self.snap_button.setToolTip("switch to EPI, snap one frame and restore it")
-        self.live_button.setToolTip("stream the camera and restore frames continuously")
-        self.mda_button.setToolTip("run a useq MDA sequence (YAML/JSON) with live restoration")
-        self.model_combo.setToolTip("checkpoint that restores the frames (Browse... for a file)")
+        self.compare_combo = QComboBox()
+        self.compare_combo.addItems(COMPARE_MODES)
+        self.compare_combo.setToolTip("raw and cTIRF side by side, overlaid, or blinking")
+        self.follow_box = QCheckBox("follow")
+        self.follow_box.setChecked(True)
+        self.follow_box.setToolTip(
+            "each pane shows its newest plane; off (or move a slider): both panes show "
+            "the same t/p/c/z"
+        )
+        self.residual_box = QCheckBox("residual")
+        self.residual_box.setToolTip("overlay where the model does not explain the frame")
+        self.residual_box.setEnabled(False)
+        self.trust_label = QLabel()
 
         bar = QHBoxLayout()
-        for button in (self.snap_button, self.live_button, self.stop_button, self.mda_button):
-            bar.addWidget(button)
-        bar.addSpacing(12)
-        bar.addWidget(QLabel("model"))
-        bar.addWidget(self.model_combo, 1)
-        bar.addWidget(QLabel("policy"))
-        bar.addWidget(self.policy_combo)
+        for label, widget in (("model", self.model_combo), ("policy", self.policy_combo),
+                              ("view", self.compare_combo)):
+            bar.addWidget(QLabel(label))
+            bar.addWidget(widget, 1 if widget is self.model_combo else 0)
+        bar.addWidget(self.follow_box)
+        bar.addWidget(self.residual_box)
+        bar.addStretch(0)
+        bar.addWidget(self.trust_label)
 
         self.warning_label = QLabel()
         self.warning_label.setWordWrap(True)
         self.warning_label.setStyleSheet(WARNING_STYLE)
         self.warning_label.hide()
 
-        splitter = QSplitter(Qt.Orientation.Horizontal)
-        splitter.addWidget(self.raw_pane)
-        splitter.addWidget(self.ctirf_pane)
-        splitter.setChildrenCollapsible(False)
+        self.side_by_side = QSplitter(Qt.Orientation.Horizontal)
+        self.side_by_side.addWidget(self.raw_pane)
+        self.side_by_side.addWidget(self.ctirf_pane)
+        self.side_by_side.setChildrenCollapsible(False)
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.side_by_side)
+        self.xz_row = QSplitter(Qt.Orientation.Horizontal)
+        self.xz_row.hide()
+        images = QSplitter(Qt.Orientation.Vertical)
+        images.addWidget(self.pages)
+        images.addWidget(self.xz_row)
+        images.setStretchFactor(0, 3)
+        images.setStretchFactor(1, 1)
 
         self.stats_label = QLabel()
         self.stats_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -274,34 +233,55 @@ class LiveWindow(QMainWindow):
         layout = QVBoxLayout(central)
         layout.addLayout(bar)
         layout.addWidget(self.warning_label)
-        layout.addWidget(splitter, 1)
+        layout.addWidget(images, 1)
         layout.addWidget(self.stats_label)
         self.setCentralWidget(central)
-        self.statusBar().showMessage("ready")
-        self.resize(1200, 720)
 
-        self.snap_button.clicked.connect(self.snap)
-        self.live_button.clicked.connect(self.start_live)
-        self.stop_button.clicked.connect(self.stop)
-        self.mda_button.clicked.connect(self._on_mda_clicked)
+        self.devices = DevicePanel(self.core)
+        self.snap_button, self.live_button = self.devices.snap_button, self.devices.live_button
+        self._add_dock("Microscope", self.devices, Qt.DockWidgetArea.LeftDockWidgetArea)
+        from pymmcore_widgets import PropertyBrowser
+
+        self.mda_widget = CtirfMDAWidget(self.core, self._run_from_editor)
+        self.property_browser = PropertyBrowser(mmcore=self.core)
+        tabs = QTabWidget()
+        tabs.addTab(self.mda_widget, "MDA")
+        tabs.addTab(self.property_browser, "Properties")
+        self.side_tabs = tabs
+        self._add_dock("Acquisition", tabs, Qt.DockWidgetArea.RightDockWidgetArea)
+
+        self.statusBar().showMessage("ready")
+        self.resize(1600, 900)
+
         self.model_combo.activated.connect(self._on_model_chosen)
         self.policy_combo.activated.connect(self._on_policy_chosen)
+        self.compare_combo.currentIndexChanged.connect(self._on_compare_chosen)
+        self.follow_box.toggled.connect(self._on_follow_toggled)
+        self.residual_box.toggled.connect(self._on_residual_toggled)
+
+    def _add_dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> None:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(title)
+        dock.setWidget(widget)
+        dock.setFeatures(
+            QDockWidget.DockWidgetFeature.DockWidgetMovable
+            | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+        )
+        self.addDockWidget(area, dock)
 
     def _fill_models(self) -> None:
-        current = str(self.processor.restorer.metadata.get("path") or "")
+        meta_path = self.processor.restorer.metadata.get("path")
+        current = str(meta_path or "")
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
         paths: list[str] = []
-        for info in list_checkpoints():
-            pixel = f", {info.pixel_size_um * 1000:.0f} nm" if info.pixel_size_um else ""
-            label = f"{info.name} ({info.objective or '?'}{pixel})"
-            self.model_combo.addItem(label, str(info.path))
-            paths.append(str(info.path))
+        for entry in model_entries(search_folders(current or None, self.model_dirs)):
+            self.model_combo.addItem(entry.label, str(entry.path))
+            paths.append(str(entry.path))
         if current and current not in paths:
             self.model_combo.addItem(Path(current).stem, current)
         elif not current:
             self.model_combo.addItem(f"{self.processor.restorer.model.name} (in memory)", "")
-            current = ""
         self.model_combo.addItem(BROWSE, BROWSE)
         self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(current)))
         self.model_combo.blockSignals(False)
@@ -315,6 +295,9 @@ class LiveWindow(QMainWindow):
         processor.resultReady.connect(self._on_result)
         processor.statsChanged.connect(self._on_stats)
         processor.errorOccurred.connect(self._on_error)
+        self._stats = None
+        self._run.reset(getattr(processor, "stats", None))
+        self._writer_set = False
         self._fill_models()
         self.policy_combo.setCurrentText(str(getattr(processor, "policy", "preview")))
         self._pixel_check_due = True
@@ -377,10 +360,7 @@ class LiveWindow(QMainWindow):
     # -- slots called from other threads: store and return ----------------------------
 
     def _on_result(self, raw: Any, result: Any, event: Any = None) -> None:
-        # while the camera streams, the raw pane follows the stream (newest frame), not
-        # the older frame this result was made from
-        streaming = self._mode in ("live", "mda")
-        self._latest.put_result(None if streaming else raw, result)
+        self._inbox.put_result(raw, result, event)
 
     def _on_stats(self, stats: Any) -> None:
         self._stats = stats
@@ -389,23 +369,229 @@ class LiveWindow(QMainWindow):
         self._errors.append(str(message))
 
     def _on_mda_frame(self, frame: np.ndarray, event: Any = None, meta: Any = None) -> None:
-        channel = getattr(getattr(event, "channel", None), "config", None)
-        if channel is None or channel in getattr(self.processor, "channels", (EPI_PRESET,)):
-            self._latest.put_raw(frame)
+        self._inbox.put_raw(frame, event)
+
+    def _on_sequence_started(self, *args: Any) -> None:
+        self._in_mda = True
+
+    def _on_sequence_finished(self, *args: Any) -> None:
+        self._in_mda = False
+
+    def _on_image_snapped(self, *args: Any) -> None:
+        # the MDA's frames also emit imageSnapped (queued to this thread after the run
+        # may have ended): the MDA's own start/finish events, delivered in order, tell
+        if self._in_mda or self.core.mda.is_running():
+            return
+        try:
+            image = self.core.getImage()
+            preset = self.core.getCurrentConfigFromCache(ILLUMINATION_GROUP) or None
+        except Exception as exc:
+            self._errors.append(f"snap failed: {exc}")
+            return
+        self._snapped.append((image, preset, time.monotonic()))
 
     def _on_pixel_size_changed(self, *args: Any) -> None:
         self._pixel_check_due = True
 
-    # -- GUI-thread work --------------------------------------------------------------
+    # -- displaying (GUI thread, 30 Hz) -----------------------------------------------
 
     def _render(self) -> None:
-        raw, result = self._latest.take()
-        if raw is None and self._mode == "live":
-            raw = self._newest_live_image()
-        if raw is not None:
-            self.raw_pane.show_frame(raw)
-        if result is not None:
-            self.ctirf_pane.show_frame(result)
+        self._start_snap_restores()
+        raw_items, results = self._inbox.take()
+        if self._mode == "live":
+            image = self._newest_live_image()
+            if image is not None:
+                raw_items.append(Received(image))
+        with self._quiet():
+            for item in raw_items:
+                self._file_raw(item)
+            for item in results:
+                self._file_result(item)
+            if raw_items or results:
+                if self.follow_box.isChecked():
+                    self._follow()
+                for pane in (self.raw_pane, self.ctirf_pane, *self.xz_panes):
+                    pane.refresh()
+                self._update_compare()
+        self.view_link.sync()
+
+    def _quiet(self) -> Any:
+        window = self
+
+        class _Quiet:
+            def __enter__(self) -> None:
+                self.before = window._programmatic
+                window._programmatic = True
+
+            def __exit__(self, *exc: object) -> None:
+                window._programmatic = self.before
+
+        return _Quiet()
+
+    def _ensure_buffer(self, pane: ImagePane, data: np.ndarray, dtype: Any) -> PlaneBuffer:
+        """The pane's buffer, or a fresh one for snaps/live when the frame size changed."""
+        shape = np.shape(data)
+        buffer = pane.buffer
+        planes = shape[0] if len(shape) == 3 else 1
+        if buffer is None or not buffer.fits(data) or (planes > 1 and buffer.sizes["z"] != planes):
+            sizes = {"z": planes} if planes > 1 else {}
+            buffer = PlaneBuffer(sizes, shape[-2:], dtype)
+            self._set_buffers(pane, buffer)
+        return buffer
+
+    def _file_raw(self, item: Received) -> None:
+        index, channel = event_index(item.event), channel_name(item.event)
+        buffer = self._ensure_buffer(self.raw_pane, item.data, self._raw_dtype())
+        if item.event is not None:
+            self._times[_key(index)] = item.t
+            while len(self._times) > TIMES_KEPT:
+                self._times.pop(next(iter(self._times)))
+        if "c" in index and channel in buffer.channels:
+            index["c"] = buffer.channels.index(channel)
+        buffer.put(index, item.data)
+        self._raw_shown = (index, item.t)
+
+    def _file_result(self, item: Received) -> None:
+        index, channel = event_index(item.event), channel_name(item.event)
+        source = self._times.get(_key(index)) if item.event is not None else None
+        if source is None:  # live or snap: the frame was taken about one latency earlier
+            latency = float(getattr(self._stats, "latency_p50_ms", 0.0) or 0.0) / 1000.0
+            source = item.t - latency
+        buffer = self._ensure_buffer(self.ctirf_pane, item.data, np.float32)
+        if "c" in index:
+            if channel not in buffer.channels and buffer.channels:
+                return
+            index["c"] = buffer.channels.index(channel) if buffer.channels else 0
+        buffer.put_stack(index, item.data)
+        self._result_shown = (index, source)
+        self._result_raw = item.raw
+        residual = self._processor_residual()
+        if residual is not None:
+            self._residual = residual
+
+    def _processor_residual(self) -> np.ndarray | None:
+        """The processor's newest residual map, if it reports one."""
+        source = getattr(self.processor, "latest_residual", None)
+        try:
+            value = source() if callable(source) else source
+        except Exception:
+            return None
+        return None if value is None else np.asarray(value)
+
+    def _follow(self) -> None:
+        if self._raw_shown is not None:
+            self.raw_pane.set_index(self._raw_shown[0])
+        if self._result_shown is not None:
+            index = dict(self._result_shown[0])
+            if self.ctirf_pane.buffer is not None and self.ctirf_pane.buffer.sizes["z"] > 1:
+                raw_z = self.raw_pane.index().get("z")
+                if raw_z is not None and "z" not in index:
+                    index["z"] = raw_z
+            self.ctirf_pane.set_index(index)
+        self._sync_xz()
+
+    def _on_index_changed(self, pane: ImagePane) -> None:
+        """A slider moved: if the user did it, both panes now show the same position."""
+        if self._programmatic:
+            return
+        with self._quiet():
+            self.follow_box.blockSignals(True)  # unchecking must not copy the other way
+            self.follow_box.setChecked(False)
+            self.follow_box.blockSignals(False)
+            other = self.ctirf_pane if pane is self.raw_pane else self.raw_pane
+            other.set_index(self._mapped_index(pane, other))
+            self._sync_xz()
+            self._update_compare()
+
+    def _mapped_index(self, src: ImagePane, dst: ImagePane) -> dict[str, int]:
+        """`src`'s slider positions for `dst` (channels matched by name)."""
+        index = src.index()
+        if "c" in index and src.buffer is not None and dst.buffer is not None:
+            names = src.buffer.channels
+            name = names[index["c"]] if index["c"] < len(names) else None
+            if name in dst.buffer.channels:
+                index["c"] = dst.buffer.channels.index(name)
+            else:
+                index.pop("c")
+        return index
+
+    def _on_follow_toggled(self, on: bool) -> None:
+        with self._quiet():
+            if on:
+                self._follow()
+            else:
+                self.ctirf_pane.set_index(self._mapped_index(self.raw_pane, self.ctirf_pane))
+                self._sync_xz()
+
+    def _sync_xz(self) -> None:
+        for xz, main in zip(self.xz_panes, (self.raw_pane, self.ctirf_pane), strict=False):
+            index = main.index()
+            index.pop("z", None)
+            xz.set_index(index)
+
+    def _set_buffers(self, pane: ImagePane, buffer: PlaneBuffer) -> None:
+        with self._quiet():
+            pane.set_buffer(buffer)
+            main = (self.raw_pane, self.ctirf_pane)
+            if pane in main and len(self.xz_panes) == 2:
+                xz = self.xz_panes[main.index(pane)]
+                if buffer.sizes["z"] > 1:
+                    xz.set_buffer(buffer)
+                    self._centre_xz(xz)
+
+    def _update_compare(self) -> None:
+        if self.compare_pane is None or self.pages.currentIndex() != 1:
+            return
+        ctirf = self.ctirf_pane.shown_plane()
+        raw = self._result_raw if self.follow_box.isChecked() else None
+        if raw is not None and raw.ndim == 3 and self.ctirf_pane.buffer is not None:
+            raw = raw[min(self.ctirf_pane.index().get("z", 0), raw.shape[0] - 1)]
+        if raw is None or (ctirf is not None and raw.shape != ctirf.shape):
+            raw = self.raw_pane.shown_plane()
+        residual = self._residual if self.residual_box.isChecked() else None
+        if residual is not None and ctirf is not None and residual.shape[-2:] != ctirf.shape:
+            residual = None
+        self.compare_pane.show_planes(raw, ctirf, residual)
+
+    def _on_compare_chosen(self, index: int) -> None:
+        mode = COMPARE_MODES[index]
+        if mode == "side by side":
+            self.pages.setCurrentIndex(0)
+            if self.compare_pane is not None:
+                self.compare_pane.stop()
+            return
+        if self.compare_pane is None:
+            self.compare_pane = ComparePane()
+            self.pages.addWidget(self.compare_pane)
+        self.compare_pane.set_mode(mode)
+        self.pages.setCurrentIndex(1)
+        self._update_compare()
+
+    def _on_residual_toggled(self, on: bool) -> None:
+        if on and self.compare_combo.currentIndex() == 0:
+            self.compare_combo.setCurrentIndex(COMPARE_MODES.index("overlay"))
+        if self.compare_pane is not None:
+            self.compare_pane.set_residual(on)
+            self._update_compare()
+
+    def _ensure_xz(self, z_step_um: float | None) -> None:
+        """XZ views of raw and cTIRF (a y slider picks the row) for z-stack runs."""
+        if not self.xz_panes:
+            self.xz_panes = [
+                ImagePane("raw XZ", visible_axes=("z", "x")),
+                ImagePane("cTIRF XZ", cmap="magma", visible_axes=("z", "x")),
+            ]
+            for pane in self.xz_panes:
+                self.xz_row.addWidget(pane)
+        pixel = self._pixel_um or self.core.getPixelSizeUm() or 0.0
+        aspect = (z_step_um / pixel) if z_step_um and pixel else 1.0
+        for pane in self.xz_panes:
+            pane.viewer.display_model.scales["z"] = float(aspect)
+        self.xz_row.show()
+
+    def _centre_xz(self, pane: ImagePane) -> None:
+        if pane.buffer is not None:
+            pane.viewer.display_model.current_index.update({"y": pane.buffer.frame_shape[0] // 2})
 
     def _newest_live_image(self) -> np.ndarray | None:
         """The camera's newest live-mode image if it is one not shown yet."""
@@ -419,7 +605,21 @@ class LiveWindow(QMainWindow):
         self._live_number = number
         return image
 
+    def _raw_dtype(self) -> Any:
+        try:
+            return np.uint16 if self.core.getBytesPerPixel() <= 2 else np.float32
+        except Exception:
+            return np.float32
+
+    # -- run state, labels, statistics (GUI thread, 4 Hz) -----------------------------
+
     def _refresh_status(self) -> None:
+        streaming = self.core.isSequenceRunning() and not self.core.mda.is_running()
+        if self._mode == "idle" and streaming:
+            self._begin_live()
+        elif self._mode == "live" and not self.core.isSequenceRunning():
+            self._end_live()
+            self._finish_run("live stopped")
         if self._mode == "mda" and not self.core.mda.is_running() and not self._worker_alive():
             queued = int(getattr(self.processor, "pending", 0))
             verb = "cancelled" if self._cancelled else "finished"
@@ -434,49 +634,71 @@ class LiveWindow(QMainWindow):
         if self._pixel_check_due:
             self._pixel_check_due = False
             self.check_pixel_size()
-        self.stats_label.setText(self._stats_text())
+        stats = getattr(self.processor, "stats", None)  # a cheap snapshot, always current
+        stats = stats if stats is not None else self._stats
+        self.stats_label.setText(stats_text(self._mode, stats, self._run))
+        verdict = trust(stats, self._run)
+        self.trust_label.setText(verdict.text)
+        self.trust_label.setToolTip(verdict.tooltip)
+        self.trust_label.setStyleSheet(verdict.style)
+        self.residual_box.setEnabled(self._residual is not None)
+        self._update_labels()
         self._update_buttons()
 
+    def _update_labels(self) -> None:
+        now = time.monotonic()
+        following = self.follow_box.isChecked()
+        raw_index = self.raw_pane.index()
+        if self._raw_shown is None:
+            self.raw_pane.info.setText("nothing yet")
+        else:
+            where = describe_index(raw_index, self._channel_of(self.raw_pane)) or self._mode
+            self.raw_pane.info.setText(where)
+        if self._result_shown is None:
+            waiting = "waiting for the model" if self._mode != "idle" else "nothing yet"
+            self.ctirf_pane.info.setText(waiting)
+        else:
+            index = self.ctirf_pane.index()
+            source = self._result_shown[1] if following else self._times.get(
+                _key(self._mapped_index(self.ctirf_pane, self.raw_pane))
+            )
+            where = describe_index(index, self._channel_of(self.ctirf_pane)) or "last frame"
+            missing = "" if self.ctirf_pane.shown_plane() is not None else " · not processed"
+            age = format_age(now - source) if source is not None else ""
+            self.ctirf_pane.info.setText(" · ".join(p for p in (where + missing, age) if p))
+        for pane in (self.raw_pane, self.ctirf_pane, *self.xz_panes):
+            pane.update_scale_bar(self._pixel_um)
+        if self.compare_pane is not None:
+            self.compare_pane.pane.update_scale_bar(self._pixel_um)
+
+    @staticmethod
+    def _channel_of(pane: ImagePane) -> str | None:
+        buffer = pane.buffer
+        if buffer is None or not buffer.channels:
+            return None
+        c = pane.index().get("c", 0)
+        return buffer.channels[c] if c < len(buffer.channels) else None
+
     def _saved_text(self) -> str:
-        """'; saved in DIR: N raw frames, k of n cTIRF planes' for a run with an output folder."""
+        """'; saved in DIR: N raw frames, cTIRF k of n planes' for a run that saves."""
         if self.run_dir is None:
             return ""
         from ctirf_live.inference.rawstore import count_raw_frames
         from ctirf_live.inference.writers import raw_output_path
 
-        raw = count_raw_frames(raw_output_path(self.run_dir))
+        fmt = "ome-zarr" if any(self.run_dir.glob("*.zarr")) else "ome-tiff"
+        raw = count_raw_frames(raw_output_path(self.run_dir, fmt))
         writer = getattr(self.processor, "result_writer", None)
         planes = getattr(writer, "planes_total", 0)
         ctirf = f", cTIRF {writer.frames_written} of {planes} planes" if planes else ""
         return f"; saved in {self.run_dir}: {raw} raw frames{ctirf}"
 
-    def _stats_text(self) -> str:
-        head = f"<b>{self._mode}</b>"
-        s = self._stats
-        if s is None:
-            return f"{head} · no frames processed yet"
-        parts = [
-            head,
-            f"{s.processed_fps:.1f} fps",
-            f"latency p50 {s.latency_p50_ms:.0f} ms / p95 {s.latency_p95_ms:.0f} ms",
-            f"processed {s.processed}/{s.acquired}",
-            f"skipped {s.skipped}",
-            f"queue {s.queue_depth}",
-        ]
-        if getattr(s, "spilled", 0):
-            parts.append(f"on disk {s.spilled}")
-        if s.errors:
-            parts.append(f"<span style='color:#c33'>errors {s.errors}</span>")
-        return " · ".join(parts)
-
     def _update_buttons(self) -> None:
         idle = self._mode == "idle"
-        for widget in (
-            self.snap_button, self.live_button, self.mda_button,
-            self.model_combo, self.policy_combo,
-        ):
+        for widget in (self.snap_button, self.model_combo, self.policy_combo):
             widget.setEnabled(idle)
-        self.stop_button.setEnabled(self._mode in ("live", "mda"))
+        self.live_button.setEnabled(self._mode in ("idle", "live"))
+        self.mda_widget.control_btns.run_btn.setEnabled(idle)
 
     def _report_error(self, message: str) -> None:
         log.error("%s", message)
@@ -491,6 +713,7 @@ class LiveWindow(QMainWindow):
             pixel, self.warning_text = None, str(exc)
         else:
             self.warning_text = pixel_size_warning(self.processor.restorer.optics, pixel) or ""
+        self._pixel_um = float(pixel) if pixel else None
         if self.warning_text:
             log.warning("%s", self.warning_text)
             self.warning_label.setText(f"⚠ {self.warning_text}")
@@ -499,6 +722,38 @@ class LiveWindow(QMainWindow):
 
     def _worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
+
+    def _start_run(self, mode: str, sequence: Any = None) -> None:
+        """A new run: counters from zero, fresh buffers shaped like the run."""
+        self._mode, self._cancelled = mode, False
+        self._run.reset(getattr(self.processor, "stats", None))
+        self._stats = None
+        self._inbox.clear()
+        self._times.clear()
+        self._raw_shown = self._result_shown = None
+        self._residual = None
+        self._sequence = sequence
+        if sequence is None:
+            return
+        sizes = {str(k): int(v) for k, v in dict(sequence.sizes).items()}
+        shape = (self.core.getImageHeight(), self.core.getImageWidth())
+        raw_channels = [c.config for c in sequence.channels]
+        done = set(getattr(self.processor, "channels", (EPI_PRESET,)))
+        ctirf_channels = [c for c in raw_channels if c in done]
+        if sizes.get("z", 1) > 1:
+            step = getattr(sequence.z_plan, "step", None)
+            self._ensure_xz(float(step) if step else None)
+        else:
+            self.xz_row.hide()
+        self._set_buffers(
+            self.raw_pane, PlaneBuffer(sizes, shape, self._raw_dtype(), channels=raw_channels)
+        )
+        ctirf_sizes = {**sizes, "c": max(len(ctirf_channels), 1)}
+        self._set_buffers(
+            self.ctirf_pane, PlaneBuffer(ctirf_sizes, shape, np.float32, channels=ctirf_channels)
+        )
+        self.follow_box.setChecked(True)
+        self._update_buttons()
 
     def _finish_run(self, message: str) -> None:
         self._mode = "idle"
@@ -509,59 +764,102 @@ class LiveWindow(QMainWindow):
     # -- actions ----------------------------------------------------------------------
 
     def snap(self) -> None:
-        """Switch to EPI, snap one frame and restore it, off the GUI thread."""
-        if self._mode != "idle":
-            return
-        self._mode = "snap"
-        self._worker = threading.Thread(target=self._snap_work, name="ctirf-snap", daemon=True)
-        self._worker.start()
-        self._update_buttons()
+        """Snap one frame (as the Snap button does); it is restored off the GUI thread."""
+        if self._mode == "idle":
+            self.snap_button.click()
 
-    def _snap_work(self) -> None:
+    def _start_snap_restores(self) -> None:
+        while self._snapped:
+            frame, preset, t = self._snapped.popleft()
+            self._inbox.put_raw(frame)
+            channels = getattr(self.processor, "channels", (EPI_PRESET,))
+            restorer = self.processor.restorer
+            if preset is not None and preset not in channels:
+                self.statusBar().showMessage(
+                    f"{preset} frame shown raw: cTIRF restores {', '.join(channels)} frames", 8000
+                )
+            elif restorer.dims != 2:
+                self.statusBar().showMessage(
+                    "a 3D model restores z-stacks: run an MDA with a z plan", 8000
+                )
+            elif self._mode == "idle":
+                self._start_run("snap")
+                self._worker = threading.Thread(
+                    target=self._restore_snap, args=(restorer, frame, t), name="ctirf-snap",
+                    daemon=True,
+                )
+                self._worker.start()
+
+    def _restore_snap(self, restorer: Any, frame: np.ndarray, t: float) -> None:
+        """Worker thread: cTIRF and the reconstructed EPI from one forward pass."""
         try:
-            set_illumination(self.core, EPI_PRESET)
-            frame = self.core.snap()
-            self._latest.put_raw(frame)
-            self._latest.put_result(frame, self.processor.restorer.restore(frame))
+            try:
+                both = restorer.restore(frame, output="ctirf+recon")
+                ctirf, recon = both[0], both[1]
+                self._residual = np.asarray(recon, np.float32) - np.asarray(frame, np.float32)
+            except TypeError:  # a restorer without outputs to choose from
+                ctirf = restorer.restore(frame)
+            self._inbox.put_result(frame, ctirf)
         except Exception as exc:  # reported in the status bar, the window goes on
             self._errors.append(f"snap failed: {exc}")
 
     def start_live(self) -> None:
-        """Stream the camera continuously; the processor restores what it can keep up with."""
+        """Stream the camera continuously (as the Live button does)."""
         if self._mode != "idle":
             return
         try:
-            set_illumination(self.core, EPI_PRESET)
-            self.processor.attach_live(self.core)
             self.core.startContinuousSequenceAcquisition(0)
         except Exception as exc:
             self._report_error(f"live failed: {exc}")
-            self._stop_live()
             return
-        self._mode = "live"
+        self._begin_live()
+
+    def _begin_live(self) -> None:
+        self._start_run("live")
+        try:
+            self.processor.attach_live(self.core)
+        except Exception as exc:
+            self._report_error(f"live cTIRF failed: {exc}")
         self.statusBar().showMessage("live")
         self._update_buttons()
 
-    def _on_mda_clicked(self) -> None:
-        self.run_mda()
+    def _end_live(self) -> None:
+        try:
+            self.processor.detach_live(self.core)
+        except Exception as exc:
+            log.debug("detach_live: %s", exc)
 
-    def run_mda(self, sequence: Any = None) -> None:
-        """Run an MDA (a useq.MDASequence, a YAML/JSON file, or chosen in a file dialog)."""
+    def load_sequence(self, path: str | Path) -> None:
+        """Put a useq sequence file into the MDA editor."""
+        from ctirf_live.inference.acquire import load_sequence
+
+        self.mda_widget.setValue(load_sequence(path))
+
+    def _run_from_editor(self, sequence: Any, save_path: Path | None) -> None:
+        if self.mda_widget.save_info.isChecked():
+            fmt = self.mda_widget.save_info.value()["format"]
+            if fmt not in ("ome-tiff", "ome-zarr"):
+                self._report_error(
+                    f"cTIRF runs are stored as ome-tiff or ome-zarr, not {fmt}; "
+                    "choose one of them in the save box"
+                )
+                return
+        self.run_mda(sequence, save_to=save_path)
+
+    def run_mda(self, sequence: Any = None, *, save_to: str | Path | None = None) -> None:
+        """Run an MDA with live cTIRF. No `sequence`: the MDA editor's, as its Run button
+        does (with its save box); else a useq.MDASequence or a YAML/JSON file, saved to
+        the run folder named by `save_to` (`dir/name.ome.tiff` -> `dir/name/raw.*`)."""
         if self._mode != "idle":
+            return
+        if sequence is None:
+            self.mda_widget.run_mda()
             return
         import useq
 
         from ctirf_live.inference.acquire import fit_channels, load_sequence
+        from ctirf_live.inference.writers import make_result_writer, raw_output_path
 
-        if sequence is None:
-            sequence = self.sequence_path
-        if sequence is None:
-            path, _ = QFileDialog.getOpenFileName(
-                self, "Choose an MDA sequence", "", "useq sequences (*.yaml *.yml *.json)"
-            )
-            if not path:
-                return
-            sequence = path
         try:
             if not isinstance(sequence, useq.MDASequence):
                 sequence = load_sequence(sequence)
@@ -569,37 +867,33 @@ class LiveWindow(QMainWindow):
                 from ctirf_live.acquisition.limits import stage_limits
 
                 stage_limits(self.core, self.rig.config_path).check_sequence(sequence)
-            outputs = [*self._prepare_stores(), self.processor]
-            self._worker = self.core.run_mda(fit_channels(sequence, self.core), output=outputs)
+            sequence = fit_channels(sequence, self.core)
+            outputs: list[Any] = []
+            self.run_dir = None
+            if save_to is not None:
+                run_dir, fmt = run_folder_and_format(save_to)
+                run_dir.mkdir(parents=True, exist_ok=False)
+                outputs.append(str(raw_output_path(run_dir, fmt)))
+                self.processor.result_writer = make_result_writer(run_dir, fmt)
+                self.run_dir, self._writer_set = run_dir, True
+            elif self._writer_set:
+                self.processor.result_writer = None  # this run is not saved
+            self._start_run("mda", sequence)
+            self._worker = self.core.run_mda(sequence, output=[*outputs, self.processor])
         except Exception as exc:
+            self._mode = "idle"
             self._report_error(f"could not run the sequence: {exc}")
             return
-        self._mode, self._cancelled = "mda", False
         where = f", saving to {self.run_dir}" if self.run_dir else ""
         self.statusBar().showMessage(f"MDA running{where}")
         self._update_buttons()
 
-    def _prepare_stores(self) -> list[str]:
-        """With an output folder: a new run folder, its raw path and the cTIRF writer."""
-        if self.output_dir is None:
-            return []
-        from ctirf_live.inference.writers import make_result_writer, raw_output_path
-
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = self.output_dir / f"run-{stamp}"
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = self.output_dir / f"run-{stamp}-{n}"
-        run_dir.mkdir(parents=True)
-        self.processor.result_writer = make_result_writer(run_dir)
-        self.run_dir = run_dir
-        return [str(raw_output_path(run_dir))]
-
     def stop(self) -> None:
         """Stop live streaming or cancel the MDA (the acquired frames are kept)."""
         if self._mode == "live":
-            self._stop_live()
+            if self.core.isSequenceRunning():
+                self.core.stopSequenceAcquisition()
+            self._end_live()
             self._finish_run("live stopped")
         elif self._mode == "mda":
             self._cancelled = True
@@ -607,23 +901,18 @@ class LiveWindow(QMainWindow):
             self.statusBar().showMessage("cancelling the MDA...")
         self._update_buttons()
 
-    def _stop_live(self) -> None:
-        if self.core.isSequenceRunning():
-            self.core.stopSequenceAcquisition()
-        try:
-            self.processor.detach_live(self.core)
-        except Exception as exc:
-            log.debug("detach_live: %s", exc)
-
     def shutdown(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Stop acquisition and processing and wait for them (idempotent)."""
         if self._closed:
             return
         self._closed = True
         self._render_timer.stop()
-        self._stats_timer.stop()
-        if self._mode == "live":
-            self._stop_live()
+        self._status_timer.stop()
+        if self.compare_pane is not None:
+            self.compare_pane.stop()
+        if self.core.isSequenceRunning() and not self.core.mda.is_running():
+            self.core.stopSequenceAcquisition()
+        self._end_live()
         if self.core.mda.is_running():
             self._cancelled = True
             self.core.mda.cancel()
@@ -651,6 +940,9 @@ class LiveWindow(QMainWindow):
         self._disconnect_processor()
         for signal, slot in (
             (self.core.mda.events.frameReady, self._on_mda_frame),
+            (self.core.mda.events.sequenceStarted, self._on_sequence_started),
+            (self.core.mda.events.sequenceFinished, self._on_sequence_finished),
+            (self.core.events.imageSnapped, self._on_image_snapped),
             (self.core.events.pixelSizeChanged, self._on_pixel_size_changed),
         ):
             try:
@@ -703,11 +995,13 @@ def run_live_window(
     `threads` CPU threads); returns the Qt exit code."""
     from ctirf_live.acquisition.core import check_rig, open_core
     from ctirf_live.acquisition.objective import check_model_optics, select_objective
+    from ctirf_live.gui.backend import choose_canvas_backend
     from ctirf_live.inference.live import LiveProcessor
 
-    # psygnal core events: processing and acquisition never wait for the GUI thread
-    os.environ.setdefault("PYMM_SIGNALS_BACKEND", "psygnal")
+    # Qt core signals: pymmcore-widgets update from the GUI thread; emitting never waits
+    os.environ.setdefault("PYMM_SIGNALS_BACKEND", "qt")
     app = QApplication.instance() or QApplication(sys.argv[:1])
+    choose_canvas_backend()
     restorer = Restorer(model, device=device, tile=tile, backend=backend)
     with open_core(config) as core:
         rig = check_rig(core, config)
