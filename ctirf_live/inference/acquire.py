@@ -32,7 +32,7 @@ from ctirf_live.inference.backlog import Policy
 from ctirf_live.inference.consistency import ConsistencyMonitor
 from ctirf_live.inference.diskspace import RESERVE_BYTES, DiskBudget, DiskFullError
 from ctirf_live.inference.live import LiveProcessor, LiveStats
-from ctirf_live.inference.rawstore import count_raw_frames
+from ctirf_live.inference.rawstore import count_raw_frames, set_tiff_resolution
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 from ctirf_live.inference.writers import (
     RAW_STEM,
@@ -285,6 +285,10 @@ def acquire(
     report(stats, processor.frames_received, expected, "done")
     received = processor.frames_received
     saved = count_raw_frames(raw_path if raw_path.exists() else raw_path.with_name("raw"))
+    if fmt == "ome-tiff" and (note := set_tiff_resolution(
+        raw_path if raw_path.exists() else raw_path.with_name("raw"), core.getPixelSizeUm()
+    )):
+        warnings.append(note)
     failure = run.failure
     if failure is None and saved < received:
         failure = AcquireError(

@@ -26,6 +26,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,32 @@ def count_raw_frames(path: str | Path) -> int:
     if is_zarr(path):
         return sum(_zarr_frames(array) for array in _zarr_arrays(path))
     return sum(_tiff_pages_on_disk(f) for f in tiff_files(path))
+
+
+def set_tiff_resolution(path: str | Path, pixel_size_um: float) -> str | None:
+    """Write the pixel size into the TIFF resolution tags of a closed raw OME-TIFF (file
+    or folder), in micrometres, so plain ImageJ and tifffile-based readers show the scale.
+
+    ome-writers (0.3) writes 1 pixel per micrometre whatever the pixel size; the tags are
+    overwritten in place, same size, pixels untouched. Returns a warning, never raises.
+    """
+    import tifffile
+
+    if not pixel_size_um or pixel_size_um <= 0:
+        return None
+    ratio = Fraction(1.0 / pixel_size_um).limit_denominator(1_000_000)
+    value = (ratio.numerator, ratio.denominator)
+    for file in tiff_files(Path(path)):
+        try:
+            with tifffile.TiffFile(file, mode="r+b") as tif:
+                for page in tif.pages:
+                    for name in ("XResolution", "YResolution"):
+                        tag = page.tags.get(name)
+                        if tag is not None and tuple(tag.value) != tuple(value):
+                            tag.overwrite(value)
+        except (tifffile.TiffFileError, OSError, ValueError) as exc:
+            return f"{file.name}: pixel size not written to its TIFF resolution tags ({exc})"
+    return None
 
 
 def _tiff_pages_on_disk(file: Path) -> int:
@@ -207,11 +234,20 @@ def repair_raw_tiff(
             )
         },
     }
+    scale: dict[str, object] = {}
+    pixel = meta.get("PhysicalSizeX")
+    if isinstance(pixel, float) and pixel > 0 and meta.get("PhysicalSizeXUnit", "µm") == "µm":
+        scale = {"resolution": (1 / pixel, 1 / pixel), "resolutionunit": "MICROMETER"}
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
             writer.write(
-                frames(), shape=out_shape, dtype=dtype, photometric="minisblack", metadata=meta
+                frames(),
+                shape=out_shape,
+                dtype=dtype,
+                photometric="minisblack",
+                metadata=meta,
+                **scale,  # type: ignore[arg-type]
             )
         os.replace(tmp, target)
     except BaseException:

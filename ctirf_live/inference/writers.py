@@ -354,6 +354,12 @@ class OmeTiffResultWriter(_BaseResultWriter):
             meta = {**self._meta, "position": i, "processed": "pending"}
             ome = self._ome(layout, meta, i)
             file.unlink(missing_ok=True)
+            scale: dict[str, Any] = {}
+            if layout.pixel_size_um:  # the scale for ImageJ and tifffile-based readers
+                scale = {
+                    "resolution": (1 / layout.pixel_size_um, 1 / layout.pixel_size_um),
+                    "resolutionunit": "MICROMETER",
+                }
             offset, _ = tifffile.imwrite(
                 file,
                 shape=layout.shape,
@@ -363,6 +369,7 @@ class OmeTiffResultWriter(_BaseResultWriter):
                 photometric="minisblack",
                 metadata=ome,
                 returnoffset=True,
+                **scale,
             )
             self._offsets.append(int(offset))
             self._fds.append(os.open(file, os.O_RDWR))
