@@ -170,6 +170,17 @@ def calibrate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the planned sequence; move and write nothing")
     ] = False,
+    stacks: Annotated[
+        bool,
+        typer.Option(
+            "--stacks",
+            help="Also record an EPI z-stack at each field (ET3dNet data for ctirf distill)",
+        ),
+    ] = False,
+    planes: Annotated[int, typer.Option(min=2, help="--stacks: planes per stack")] = 6,
+    z_step: Annotated[
+        float, typer.Option("--z-step", min=0.01, help="--stacks: plane spacing (um)")
+    ] = 0.2,
 ) -> None:
     """Collect registered EPI/TIRF pairs for fine-tuning (safe to interrupt and rerun)."""
     from rich.table import Table
@@ -190,6 +201,8 @@ def calibrate(
             max_shift_px=max_shift,
             force=force,
             seed=seed,
+            stack_planes=planes if stacks else 0,
+            stack_step_um=z_step,
         )
         if dry_run:
             plan = run_calibration(core, rig, out, dry_run=True, **kwargs)
@@ -219,6 +232,8 @@ def calibrate(
     )
     shifts = f"{summary['mean_shift_px']:.2f} px (max {summary['max_shift_px']:.2f})"
     table.add_row("mean |shift|", shifts)
+    if stacks:
+        table.add_row("z-stacks", f"{len(ds.stack_files())} of {planes} planes")
     console.print(table)
     console.print(f"dataset: {summary['folder']}", soft_wrap=True, highlight=False)
 
@@ -482,7 +497,10 @@ def distill(
     out: Annotated[Path, typer.Option("--out", "-o", help=RUN_DIR_HELP)],
     stacks: Annotated[
         Path | None,
-        typer.Option(help="Folder (or file) of EPI z-stack OME-TIFFs, e.g. from ctirf acquire"),
+        typer.Option(
+            help="EPI z-stacks: a ctirf calibrate --stacks dataset, or a folder (or file) of "
+            "OME-TIFF stacks, e.g. from ctirf acquire"
+        ),
     ] = None,
     synthetic: Annotated[
         int | None, typer.Option(min=2, help="Distil on N simulated stacks instead")
@@ -497,6 +515,14 @@ def distill(
         str, typer.Option(help="--synthetic: specimen families, comma-separated")
     ] = "factin,membrane,tissue",
     variant: VariantOption = "S0",
+    psf_model: Annotated[
+        str,
+        typer.Option(
+            "--psf-model",
+            help="3D PSF of the physics term: gibson_lanni (oil into water) or born_wolf",
+            case_sensitive=False,
+        ),
+    ] = "gibson_lanni",
     epochs: EpochsOption = None,
     crop: CropOption = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 2)")] = None,
@@ -506,7 +532,7 @@ def distill(
     device: DeviceOption = "auto",
 ) -> None:
     """Train ET3dNet on EPI z-stacks from a frozen ET2dNet teacher (paper Section 2.3)."""
-    from ctirf_live.data.stacks import stacks_from_files, synthetic_stacks
+    from ctirf_live.data.stacks import stacks_from_dataset, stacks_from_files, synthetic_stacks
     from ctirf_live.training.distill import distill as run_distill
     from ctirf_live.training.distill import distill_settings
     from ctirf_live.training.trainer import seed_everything
@@ -516,10 +542,16 @@ def distill(
     _check_variant(variant)
     seed_everything(seed)
     if stacks is not None:
-        files = sorted(stacks.glob("*.tif*")) if stacks.is_dir() else [stacks]
-        if not files:
-            raise ValueError(f"{stacks} holds no OME-TIFF stacks; record some with ctirf acquire")
-        data = stacks_from_files(files, planes)
+        if (stacks / "manifest.json").is_file():  # a `ctirf calibrate --stacks` dataset
+            data = stacks_from_dataset(stacks, planes)
+        else:
+            files = sorted(stacks.glob("*.tif*")) if stacks.is_dir() else [stacks]
+            if not files:
+                raise ValueError(
+                    f"{stacks} holds no OME-TIFF stacks; record some with ctirf acquire "
+                    "or ctirf calibrate --stacks"
+                )
+            data = stacks_from_files(files, planes)
     else:
         names = _family_names(families)
         bar, update = _progress(f"simulating {synthetic} stacks of {planes} planes")
@@ -548,6 +580,7 @@ def distill(
         settings,
         out,
         variant=variant,
+        psf_model=psf_model.lower(),
         device=device,
         resume=resume,
         keep_resume=keep_resume,
@@ -1283,6 +1316,9 @@ def demo(
     console.print(f"demo finished in {elapsed:.0f} s; report {out}/demo_report.json")
 
 
+app.command("export", cls=FlagCommand)(user_errors(export_command))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
@@ -1290,6 +1326,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-app.command("export", cls=FlagCommand)(user_errors(export_command))
-
-

@@ -44,6 +44,27 @@ def test_3d_network_runs_on_six_planes(optics: Optics) -> None:
     assert net.forward_model.psf.ndim == 3
 
 
+def test_3d_ctirf_is_sectioned_and_the_recon_is_widefield(optics: Optics) -> None:
+    """A point in plane 2: cTIRF keeps it in plane 2 (in-focus PSF), the reconstructed EPI
+    spreads it over every plane (3D PSF), and the slice-wise view follows the PSF's peaks."""
+    net = ET3dNet(optics, "tiny")
+    g = torch.zeros(1, 1, 6, 64, 64)
+    g[0, 0, 2, 32, 32] = 1.0
+    out = net.outputs(g, torch.zeros_like(g))
+    ctirf, recon = out.ctirf[0, 0], out.recon[0, 0]
+    assert ctirf.sum(dim=(1, 2))[2] == pytest.approx(1.0, abs=1e-3)
+    assert float(ctirf.sum() - ctirf[2].sum()) == pytest.approx(0.0, abs=1e-4)
+    r = make_psf(optics, 3).shape[-1] // 2
+    window = ctirf[2, 32 - r : 32 + r + 1, 32 - r : 32 + r + 1].numpy()
+    np.testing.assert_allclose(window, make_psf(optics, 3)[5], atol=1e-6)
+    assert (recon.sum(dim=(1, 2)) > 0.5).all()  # every plane sees the point's light
+    view = net.slicewise_view(g)[0, 0, :, 32, 32]
+    peaks = net.forward_model.psf.amax(dim=(-2, -1))
+    expected = (peaks / peaks[5])[3:9]  # planes 0..5 are offsets -2..+3 from plane 2
+    torch.testing.assert_close(view, expected, atol=1e-5, rtol=1e-5)
+    assert view[2] == pytest.approx(1.0) and view[1] == view[3] < 1.0
+
+
 def test_checkpoint_round_trip_runs_at_another_size(tmp_path: Path, optics: Optics) -> None:
     torch.manual_seed(0)
     net = ET2dNet(optics, "tiny").eval()

@@ -417,7 +417,8 @@ class _Run:
         if len(train_source) == 0:
             raise TrainError(f"{train_source.description}: no training pairs")
         # "ctirf": g * psf against measured TIRF (train, finetune); "g": the pseudo-GT map
-        # itself against a teacher's g on the input's scale (distill)
+        # itself against a teacher's g on the input's scale; "g_slicewise": a 3D g as a 2D
+        # teacher sees it plane by plane (ETNet.slicewise_view) against that teacher (distill)
         self.supervise = supervise
         self.stack = stack
         self.keep_resume = keep_resume
@@ -437,7 +438,7 @@ class _Run:
             settings.seed,
             spe,
             variance_scaling=settings.variance_scaling,
-            target_scale="input" if supervise == "g" else "own",
+            target_scale="input" if supervise.startswith("g") else "own",
         )
         self.val_data = (
             CropDataset(
@@ -446,7 +447,7 @@ class _Run:
                 percentile=settings.percentile,
                 augment=False,
                 variance_scaling=settings.variance_scaling,
-                target_scale="input" if supervise == "g" else "own",
+                target_scale="input" if supervise.startswith("g") else "own",
             )
             if self.val_source is not None
             else None
@@ -787,7 +788,10 @@ class _Run:
         weight = batch["weight"].to(self.device, non_blocking=True)
         with _autocast(self.device):
             out = (net or self.model)(epi)
-        pred = out.g if self.supervise == "g" else out.ctirf
+        if self.supervise == "g_slicewise":
+            pred = self.model.slicewise_view(out.g)
+        else:
+            pred = out.g if self.supervise == "g" else out.ctirf
         loss, terms = self.loss_fn(pred, tirf, out.recon, epi, out.g, out.b, weight)
         return loss, terms, pred, tirf
 
