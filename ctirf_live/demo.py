@@ -6,7 +6,9 @@
 4. score the shipped and the fine-tuned model on held-out simulated 100X pairs against
    the noise-free TIRF (MS-SSIM, PSNR; raw EPI for reference);
 5. run a time-lapse of 6-plane z-stacks through the live hook (`acquire`), saving raw
-   and cTIRF, and report frames, latency and throughput.
+   and cTIRF, and report frames, latency and throughput: with the shipped ET3dNet (one
+   forward per completed stack, back on the 60X objective it was distilled for) when it
+   is there, else the fine-tuned ET2dNet plane by plane.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ctirf_live.training.trainer import evaluate_model, finetune, finetune_setti
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "acquisition_configs" / "ctirf_demo.cfg"
 SHIPPED_MODEL = "et2dnet_s0_60x_sim"
+SHIPPED_3D_MODEL = "et3dnet_s0_60x_sim"
 
 
 @dataclass
@@ -42,6 +45,7 @@ class DemoOptions:
     out: Path = Path("demo_out")
     config: Path = DEMO_CONFIG
     model: str = SHIPPED_MODEL
+    model3d: str | None = SHIPPED_3D_MODEL  # None: the time-lapse runs ET2dNet per plane
     objective: str = "100X"
     pairs: int = 20
     epochs: int = 8
@@ -98,9 +102,7 @@ def consistency_line(counts: dict[str, Any]) -> str:
     if not counts:
         return "consistency monitor: not calibrated, nothing to compare"
     n, before, after = counts["frames"], counts["before"], counts["after"]
-    verdict = (
-        "drops" if after < before else "does not drop" if after == before else "rises"
-    )
+    verdict = "drops" if after < before else "does not drop" if after == before else "rises"
     return (
         f"consistency monitor: {before} of {n} held-out frames of this rig flagged before "
         f"fine-tuning ({before / n:.0%}), {after} of {n} after ({after / n:.0%}): the "
@@ -151,6 +153,29 @@ def _timelapse(options: DemoOptions) -> useq.MDASequence:
     )
 
 
+def _timelapse_restorer(
+    options: DemoOptions, model2d: Any, meta2d: dict[str, Any], notes: list[str]
+) -> tuple[Restorer, str]:
+    """ET3dNet for the stacks when it is there and fits them, else ET2dNet per plane."""
+    if options.model3d:
+        try:
+            restorer = Restorer(options.model3d, device=options.device)
+            restorer.check_stack(options.planes, 0.2)
+        except ValueError as exc:
+            notes.append(f"time-lapse with ET2dNet per plane: {exc}")
+        else:
+            if restorer.dims == 3:
+                return restorer, (
+                    f"{Path(str(options.model3d)).name} (ET3dNet, {restorer.optics.objective}, "
+                    "one forward per stack)"
+                )
+            notes.append(f"{options.model3d} is not a 3D model; time-lapse with ET2dNet")
+    return (
+        Restorer(model2d, device=options.device, metadata=meta2d),
+        f"the fine-tuned ET2dNet ({options.objective}, plane by plane)",
+    )
+
+
 def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
     """Run the whole workflow; `step` receives one line per stage."""
     out = Path(options.out)
@@ -187,9 +212,7 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
                 objective=options.objective,
                 exposure_ms=50,
                 seed=options.seed,
-                progress=lambda s: bar.update(
-                    s.done, s.requested, detail=f"{s.rejected} rejected"
-                ),
+                progress=lambda s: bar.update(s.done, s.requested, detail=f"{s.rejected} rejected"),
             )
         report.calibration_s = time.perf_counter() - t0
         report.pairs = len(dataset)
@@ -240,11 +263,13 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
             report.consistency = flagged_before_after(shipped, result.best_path, held_out)
         step(consistency_line(report.consistency))
 
+        restorer, label = _timelapse_restorer(options, after, after_meta, report.notes)
+        if restorer.dims == 3:
+            set_objective(core, rig, restorer.optics.objective)
         step(
             f"[4/4] time-lapse: {options.timepoints} time points x {options.planes}-plane "
-            "z-stacks through the live hook (raw + cTIRF saved)"
+            f"z-stacks through the live hook with {label} (raw + cTIRF saved)"
         )
-        restorer = Restorer(after, device=options.device, metadata=after_meta)
         with ProgressReport("acquiring", unit="frames") as bar:
             run: AcquireResult = acquire(
                 core,
@@ -262,6 +287,7 @@ def run_demo(options: DemoOptions, step: Step = print) -> DemoReport:
             "total_s": run.total_s,
             "raw": str(run.raw_path),
             "ctirf": str(run.ctirf_path),
+            "model": restorer.describe(),
             **run.stats.to_dict(),
         }
         report.notes.extend(run.warnings + run.errors)

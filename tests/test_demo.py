@@ -5,7 +5,7 @@ import torch
 
 from ctirf_live.config import Optics
 from ctirf_live.demo import DemoOptions, adaptation_verdict, run_demo
-from ctirf_live.models.etnet import ET2dNet, save_model
+from ctirf_live.models.etnet import ET2dNet, ET3dNet, save_model
 
 
 @pytest.fixture
@@ -25,6 +25,7 @@ def test_demo_runs_the_whole_workflow(tmp_path: Path, tiny_60x: Path, capsys) ->
         timepoints=1,
         roi=128,
         device="cpu",
+        model3d=None,
     )
     lines: list[str] = []
     report = run_demo(options, step=lines.append)
@@ -68,3 +69,42 @@ def test_adaptation_verdict_says_plainly_whether_fine_tuning_helped() -> None:
     assert "no measurable difference" in same and "--epochs" in same
     # a gain smaller than the spread of a few pairs is not called a gain
     assert "no measurable" in adaptation_verdict(scores(0.80, 0.05), scores(0.81, 0.05), 8, 4)
+
+
+def test_demo_time_lapse_runs_through_et3dnet(tmp_path: Path, tiny_60x: Path) -> None:
+    torch.manual_seed(0)
+    tiny3d = save_model(
+        ET3dNet(Optics(z_step_um=0.2), "tiny"),
+        tmp_path / "tiny3d",
+        stack={"planes": 6, "z_step_um": 0.2},
+    )
+    options = DemoOptions(
+        out=tmp_path / "demo",
+        model=str(tiny_60x),
+        model3d=str(tiny3d),
+        pairs=2,
+        epochs=1,
+        crop=64,
+        eval_pairs=1,
+        timepoints=1,
+        roi=128,
+        device="cpu",
+    )
+    lines: list[str] = []
+    report = run_demo(options, step=lines.append)
+    last = next(line for line in lines if line.startswith("[4/4]"))
+    assert "ET3dNet" in last and "one forward per stack" in last
+    acq = report.acquisition
+    assert acq["model"]["architecture"]["name"] == "ET3dNet"
+    assert acq["frames"] == acq["expected"] == 6 and acq["processed"] >= 1
+    assert Path(acq["ctirf"]).exists()
+    # a 3D model that does not fit the stacks falls back to ET2dNet, and says why
+    short = save_model(
+        ET3dNet(Optics(z_step_um=0.5), "tiny"),
+        tmp_path / "z05",
+        stack={"planes": 6, "z_step_um": 0.5},
+    )
+    options.model3d, options.out = str(short), tmp_path / "demo2"
+    report = run_demo(options, step=lines.append)
+    assert report.acquisition["model"]["architecture"]["name"] == "ET2dNet"
+    assert any("z step" in note for note in report.notes)
