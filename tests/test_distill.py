@@ -125,3 +125,17 @@ def test_stack_files_without_optics_take_the_teachers_rig(tmp_path: Path) -> Non
     merged = found.with_optics(other)
     assert merged.optics.na == other.na and merged.optics.pixel_size_um == pytest.approx(0.11)
     assert merged.optics.z_step_um == pytest.approx(0.3) and merged.optics_recorded
+
+
+def test_the_student_starts_with_a_reconstruction_near_the_stack() -> None:
+    from ctirf_live.models.etnet import ET3dNet
+    from ctirf_live.training.distill import START_G, start_near_the_stack
+
+    torch.manual_seed(0)
+    student = ET3dNet(OPTICS.model_copy(update={"z_step_um": 0.2}), "tiny")
+    stack = torch.full((1, 1, 6, 64, 64), 0.5)
+    default = float(student(stack).recon.mean())
+    start_near_the_stack(student)
+    out = student(stack)
+    assert float(out.g.mean()) == pytest.approx(START_G, rel=0.1)
+    assert 0.25 < float(out.recon.mean()) < 1.0 < default  # softplus(0) starts ~5x too bright
