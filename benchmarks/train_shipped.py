@@ -199,6 +199,7 @@ def main() -> None:
         f"{s['psnr_mean']:.2f} +- {s['psnr_sd']:.2f} |"
         for label, s in (("raw EPI", scores["epi"]), ("cTIRF", scores["ctirf"]))
     )
+    init = f", warm-started from `{args.init_from}`" if args.init_from else ""
     text = f"""Command: `python -m benchmarks.train_shipped --epochs {args.epochs} --ship`
 
 Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads,
@@ -207,8 +208,8 @@ no GPU (this task was lent none); shared with other work while it ran.
 {args.variant} ({record["parameters"] / 1e6:.2f} M parameters), {args.pairs} simulated 60X
 pairs of {args.roi}x{args.roi} (slide seed 1), validation {args.val_pairs} pairs (seed 2),
 random {args.crop}x{args.crop} crops, batch 4, {args.samples_per_epoch} crops per epoch,
-{args.epochs} epochs ({record["steps"]} steps), AdamW 5e-4 with 5 warm-up epochs and
-cosine decay, hybrid loss. Rendering took {render_s / 60:.1f} min, training
+{args.epochs} epochs ({record["steps"]} steps), AdamW {args.lr:g} with {args.warmup_epochs}
+warm-up epochs and cosine decay, hybrid loss{init}. Rendering took {render_s / 60:.1f} min, training
 {train_s / 60:.1f} min.
 
 Held-out: {args.test_pairs} pairs from another slide (seed 3), full {args.roi}x{args.roi}
