@@ -57,6 +57,23 @@ LiveThreadsOpt = Annotated[
     int | None,
     typer.Option(min=1, help="model CPU threads (default: cores - 1, one left to acquisition)"),
 ]
+CtirfDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--ctirf-dtype",
+        metavar="float32|float16|uint16",
+        help="cTIRF pixels: float32; uint16 with a recorded scale (half the bytes); "
+        "float16 (OME-Zarr only)",
+    ),
+]
+CtirfScaleOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--ctirf-scale",
+        help="uint16: input counts per stored step (default: 1 for 14-16-bit cameras, "
+        "finer for fewer bits)",
+    ),
+]
 ConfigOpt = Annotated[
     Path,
     typer.Option("--config", "-c", help="Micro-Manager .cfg (acquisition_configs/ctirf_demo.cfg)"),
@@ -277,14 +294,22 @@ def process(
         int | None, typer.Option(min=1, help="--scheduler local: workers (default one per GPU)")
     ] = None,
     block: Annotated[int, typer.Option(min=64, help="Chunk-wise: block side (px)")] = 2048,
+    ctirf_dtype: CtirfDtypeOpt = "float32",
+    ctirf_scale: CtirfScaleOpt = None,
 ) -> None:
     """Restore an EPI file to cTIRF offline; metadata kept, model recorded."""
     from ctirf_live.inference.dask_process import ModelSpec, choose_scheduler, process_chunked
+    from ctirf_live.inference.encoding import check_dtype
     from ctirf_live.inference.process import process_file
     from ctirf_live.inference.restorer import Restorer
 
     wanted = [c.strip() for c in channels.split(",") if c.strip()]
     where = choose_scheduler(source, output, scheduler)
+    if where is not None and check_dtype(ctirf_dtype) != "float32":
+        raise ValueError(
+            f"--ctirf-dtype {ctirf_dtype} is not available for chunk-wise (OME-Zarr) "
+            "processing yet; keep float32 or write OME-TIFF (-o NAME.ome.tiff) as uint16"
+        )
     if where is not None:
         spec = ModelSpec(model, device=device, tile=tile, threads=threads)
         report, update = _progress(f"cTIRF on {where}", unit="blocks")
@@ -308,6 +333,8 @@ def process(
                 update,
                 channels=wanted,
                 overwrite=overwrite,
+                ctirf_dtype=ctirf_dtype,
+                ctirf_scale=ctirf_scale,
             )
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -725,6 +752,8 @@ def acquire(
     threads: LiveThreadsOpt = None,
     queue_size: Annotated[int, typer.Option("--queue-size", help="Frames held in memory")] = 4,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs in --out")] = False,
+    ctirf_dtype: CtirfDtypeOpt = "float32",
+    ctirf_scale: CtirfScaleOpt = None,
 ) -> None:
     """Run an MDA with live cTIRF: raw and cTIRF stores plus summary.json (Ctrl-C stops)."""
     from rich.table import Table
@@ -766,6 +795,8 @@ def acquire(
                 progress=report_progress(report),
                 limits=stage_limits(core, config),
                 threads=threads,
+                ctirf_dtype=ctirf_dtype,
+                ctirf_scale=ctirf_scale,
             )
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -106,11 +106,28 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_moves(core, tiny2d, tm
 
 def test_disk_filling_up_stops_the_run_and_keeps_every_raw_frame(core, tiny2d, tmp_path: Path,
                                                                  monkeypatch) -> None:
-    frames = [0]
+    """The disk "fills" after frame 5; the run's free-space watch (polled by the caller's
+    thread every 0.1 s) must stop the MDA there, with every raw frame so far saved.
 
-    def count(*args) -> None:
+    The camera is held at frame 5 until the watch has seen the full disk: a poller starved
+    of CPU for the ~2 s the other frames take (seen under heavy load) would otherwise let
+    the run complete first, with nothing to stop ("did not raise").
+    """
+    frames, seen = [0], threading.Event()
+    watch = DiskBudget.raw_in_danger
+
+    def watched(budget: DiskBudget) -> bool:
+        danger = watch(budget)
+        if danger:
+            seen.set()
+        return danger
+
+    def count(*args) -> None:  # on the acquisition thread (psygnal, direct)
         frames[0] += 1
+        if frames[0] == 5 and threading.current_thread() is not threading.main_thread():
+            seen.wait(120)
 
+    monkeypatch.setattr(DiskBudget, "raw_in_danger", watched)
     core.mda.events.frameReady.connect(count)
     _fake_disk(monkeypatch, lambda: 10**11 if frames[0] < 5 else 10 * MIB)
     try:
@@ -118,8 +135,9 @@ def test_disk_filling_up_stops_the_run_and_keeps_every_raw_frame(core, tiny2d, t
             acquire(core, _seq(200, 0.01), tiny2d, tmp_path / "run", fmt="ome-zarr")
     finally:
         core.mda.events.frameReady.disconnect(count)
+    assert seen.is_set()
     result = err.value.result
-    assert 5 <= result.frames_acquired < 200
+    assert result.frames_acquired == 5  # stopped at the event the watch saw it in
     assert result.raw_frames_saved == result.frames_acquired == count_raw_frames(result.raw_path)
     assert len(str(err.value).splitlines()) == 1
     summary = json.loads(result.summary_path.read_text())

@@ -227,3 +227,56 @@ def test_grid_sub_sequence_on_a_position_gets_its_own_images(tmp_path: Path) -> 
         assert data.shape == (2, 1, 32, 48) and meta["processed"] == "11"
     with pytest.raises(IndexError, match="grid point 5"):
         layout.position({"p": 0, "g": 5})
+
+
+@pytest.mark.parametrize(
+    ("cls", "dtype", "scale"),
+    [
+        (OmeTiffResultWriter, "uint16", 0.25),
+        (OmeTiffResultWriter, "float32", 1.0),
+        (OmeZarrResultWriter, "uint16", 0.25),
+        (OmeZarrResultWriter, "float16", 1.0),
+    ],
+)
+def test_stores_keep_the_chosen_dtype_and_its_scale(tmp_path: Path, cls, dtype: str,
+                                                    scale: float) -> None:
+    from ctirf_live.inference.encoding import Encoding
+
+    suffix = ".ome.tiff" if cls is OmeTiffResultWriter else ".ome.zarr"
+    writer = cls(tmp_path / f"ctirf{suffix}", encoding=Encoding(dtype, scale=scale))
+    writer.open(_seq(), (32, 48), channels=("EPI",), metadata=META, pixel_size_um=0.1)
+    assert writer.bytes_per_pixel == (4 if dtype == "float32" else 2)
+    bright = _frame(7) * 200  # up to ~20000 counts: over uint16 at a 0.25 step (16384)
+    writer.write({"t": 0, "c": 0, "z": 0}, _frame(6))
+    writer.write({"t": 1, "c": 0, "z": 3}, bright)
+    writer.close()
+    stored, meta = read_result(writer.path, decoded=False)
+    values, _ = read_result(writer.path)
+    assert stored.dtype == np.dtype(dtype) and values.dtype == np.float32
+    record = meta["encoding"]
+    assert record["dtype"] == dtype and record["scale"] == scale and record["offset"] == 0
+    tolerance = {"uint16": scale / 2, "float16": 100 * 2.0**-11, "float32": 0}[dtype]
+    np.testing.assert_allclose(values[0, 0, 0], _frame(6), rtol=0, atol=tolerance + 1e-6)
+    over = int(np.count_nonzero(bright > 65535.5 * scale)) if dtype == "uint16" else 0
+    assert over > 0 or dtype != "uint16"
+    assert record.get("clipped_pixels", 0) == over
+    assert record.get("planes_clipped", 0) == int(over > 0)
+    if dtype == "uint16":
+        assert values[1, 0, 3].max() == pytest.approx(65535 * scale)  # clipped at the top
+        np.testing.assert_allclose(values[1, 0, 3][bright < 16000], bright[bright < 16000],
+                                   atol=scale / 2 + 1e-3)
+    if cls is OmeZarrResultWriter and dtype == "uint16":  # CF packing for xarray-like readers
+        attrs = json.loads((writer.path / "0" / "zarr.json").read_text())["attributes"]
+        assert attrs["scale_factor"] == scale and attrs["add_offset"] == 0
+        ome = json.loads((writer.path / "zarr.json").read_text())["attributes"]["ome"]
+        window = ome["omero"]["channels"][0]["window"]
+        assert window["max"] == 65535  # the display window is in stored steps
+
+
+def test_float16_tiff_store_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from ctirf_live.inference.encoding import Encoding
+
+    with pytest.raises(ValueError, match=r"not an OME pixel type.*use OME-Zarr"):
+        make_result_writer(tmp_path, "ome-tiff", encoding=Encoding("float16"))
+    assert isinstance(make_result_writer(tmp_path, "ome-zarr", encoding=Encoding("float16")),
+                      OmeZarrResultWriter)

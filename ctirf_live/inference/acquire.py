@@ -26,13 +26,25 @@ from typing import TYPE_CHECKING, Any
 import useq
 
 from ctirf_live import __version__
-from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP, ConfigError, validation_message
+from ctirf_live.config import (
+    EPI_PRESET,
+    ILLUMINATION_GROUP,
+    ConfigError,
+    Optics,
+    validation_message,
+)
 from ctirf_live.data.tiff import atomic_write_json
 from ctirf_live.inference.backlog import Policy
 from ctirf_live.inference.consistency import ConsistencyMonitor
 from ctirf_live.inference.diskspace import RESERVE_BYTES, DiskBudget, DiskFullError
+from ctirf_live.inference.encoding import make_encoding
 from ctirf_live.inference.live import LiveProcessor, LiveStats
-from ctirf_live.inference.rawstore import count_raw_frames, set_tiff_resolution
+from ctirf_live.inference.rawstore import (
+    count_raw_frames,
+    enrich_raw_tiff,
+    enrich_raw_zarr,
+    set_tiff_resolution,
+)
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 from ctirf_live.inference.writers import (
     RAW_STEM,
@@ -93,6 +105,7 @@ class AcquireResult:
     unprocessed: int = 0
     failure: str | None = None
     consistency: dict[str, Any] = field(default_factory=dict)  # summary (+ "planes" columns)
+    ctirf_encoding: dict[str, Any] = field(default_factory=dict)  # dtype, scale, clipped
     advice: str = ""  # the one line a run with many flagged frames ends with
 
 
@@ -223,6 +236,9 @@ def acquire(
     reserve_bytes: int = RESERVE_BYTES,
     consistency: ConsistencyMonitor | bool | None = None,
     threads: int | None = None,
+    ctirf_dtype: str = "float32",
+    ctirf_scale: float | None = None,
+    optics: Optics | None = None,
 ) -> AcquireResult:
     """Run `sequence` with raw + cTIRF storage; returns the result (and writes summary.json).
 
@@ -235,7 +251,12 @@ def acquire(
     raw frame is missing from the raw store or the disk filled up. `consistency` is the
     LiveProcessor's (default: the model's own calibration); its per-frame scores go to
     the summary and beside the cTIRF store. `threads`: the model's CPU threads (default:
-    cores - 1, see `LiveProcessor`).
+    cores - 1, see `LiveProcessor`). `ctirf_dtype`: float32, float16 (OME-Zarr) or
+    uint16 with `ctirf_scale` counts a step (default from the camera's bit depth, see
+    `encoding`); pixels clipped to the range are counted in the summary and warned about.
+    `optics`: what the rig images with (`select_objective`), recorded in both stores'
+    OME metadata (objective, channel modes, wavelengths); default the model's optics,
+    which `check_model_optics` requires to match the rig, at the core's pixel size.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -244,6 +265,9 @@ def acquire(
         [raw_path, raw_path.with_name(RAW_STEM), ctirf_path, ctirf_path.with_name(RESULT_STEM)],
         overwrite,
     )
+    encoding = make_encoding(ctirf_dtype, ctirf_scale, bits=core.getImageBitDepth() or None)
+    writer = make_result_writer(out, fmt, overwrite=overwrite, encoding=encoding)
+    writer.optics = optics = optics or _model_optics(restorer, core.getPixelSizeUm())
     sequence = fit_channels(sequence, core)
     _check_model_fits(sequence, restorer)
     if limits is not None:
@@ -253,10 +277,9 @@ def acquire(
     budget = DiskBudget(out, width * height * max(core.getBytesPerPixel(), 1), expected,
                         reserve_bytes=reserve_bytes)
     n_processed = sum(1 for e in sequence if e.channel is None or e.channel.config in channels)
-    warnings = budget.check_start(n_processed * width * height * 4)
+    warnings = budget.check_start(n_processed * width * height * writer.bytes_per_pixel)
     warnings += [w for w in [pixel_size_warning(restorer.optics, core.getPixelSizeUm())] if w]
     out.mkdir(parents=True, exist_ok=True)
-    writer = make_result_writer(out, fmt, overwrite=overwrite)
     processor = LiveProcessor(
         restorer,
         policy=policy,
@@ -289,6 +312,12 @@ def acquire(
         raw_path if raw_path.exists() else raw_path.with_name("raw"), core.getPixelSizeUm()
     )):
         warnings.append(note)
+    raw_store = raw_path if raw_path.exists() else raw_path.with_name("raw")
+    enrich = enrich_raw_zarr if fmt == "ome-zarr" else enrich_raw_tiff
+    if raw_store.exists() and (note := enrich(raw_store, optics)):
+        warnings.append(note)
+    if clip := writer.encoding.clip_warning():
+        warnings.append(clip)
     failure = run.failure
     if failure is None and saved < received:
         failure = AcquireError(
@@ -311,6 +340,7 @@ def acquire(
         raw_frames_saved=saved,
         ctirf_planes_saved=writer.frames_written,
         ctirf_planes=writer.planes_total,
+        ctirf_encoding=writer.encoding.describe(),
         unprocessed=processor.dropped_on_stop,
         failure=None if failure is None else _one_line(failure),
     )
@@ -334,6 +364,13 @@ def acquire(
             result,
         ) from None
     return result
+
+
+def _model_optics(restorer: Restorer, pixel_size_um: float) -> Optics:
+    """The model's optics at the rig's pixel size (when Micro-Manager knows it)."""
+    if pixel_size_um > 0:
+        return restorer.optics.model_copy(update={"pixel_size_um": float(pixel_size_um)})
+    return restorer.optics
 
 
 def _one_line(exc: BaseException) -> str:
@@ -446,6 +483,7 @@ def _write_summary(
         "raw_frames_saved": result.raw_frames_saved,
         "ctirf_planes_saved": result.ctirf_planes_saved,
         "ctirf_planes": result.ctirf_planes,
+        "ctirf_encoding": result.ctirf_encoding,
         "unprocessed_at_stop": result.unprocessed,
         "canceled": result.canceled,
         "failed": result.failure,

@@ -565,7 +565,8 @@ class LiveProcessor:
     def _store(self, item: WorkItem, result: np.ndarray) -> bool:
         if not self._writer_open or self.result_writer is None:
             return True
-        if self.space_check is not None and not self.space_check(int(result.size) * 4):
+        itemsize = int(getattr(self.result_writer, "bytes_per_pixel", 4))
+        if self.space_check is not None and not self.space_check(int(result.size) * itemsize):
             self._error("disk space is kept for raw frames: cTIRF results are not saved", 0)
             return False
         try:

@@ -12,14 +12,16 @@ folder named after the output's stem with `<stem>_p000.ome.tiff`, ...
 Checked before any work: the output never replaces the input, an existing output needs
 `overwrite`, the axes are ones OME knows and the channels asked for exist. Checked after
 every plane: the model's output is finite (a broken checkpoint gives NaN), so no NaN
-file is ever written.
+file is ever written. The cTIRF is stored as float32, or as uint16 with a recorded scale
+(`encoding`: the input's bit depth sets it, a float input's peak), pixels clipped to the
+range counted in the file's metadata and the warnings.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import numpy as np
 
 from ctirf_live.data.tiff import TiffSeries, read_ome_series, write_ome_tiff
 from ctirf_live.inference.consistency import ConsistencyLog, ConsistencyMonitor, sidecar_path
+from ctirf_live.inference.encoding import Encoding, check_tiff_dtype, make_encoding
 from ctirf_live.inference.naming import ctirf_channel_name, position_files
 from ctirf_live.inference.restorer import Restorer, pixel_size_warning
 
@@ -176,6 +179,8 @@ def process_file(
     channels: Sequence[str] = ("EPI",),
     overwrite: bool = False,
     consistency: ConsistencyMonitor | bool | None = None,
+    ctirf_dtype: str = "float32",
+    ctirf_scale: float | None = None,
 ) -> tuple[Path, list[str]]:
     """Restore every series of a TIFF (or a folder of them); returns (output, warnings).
 
@@ -183,8 +188,11 @@ def process_file(
     Input metadata is carried over per series. Each plane's consistency scores (a
     monitor, False for none, default the model's own calibration) go to
     `<output>.consistency.csv` beside the output, their summary into its metadata, and
-    the advice line, when many planes are flagged, to the warnings.
+    the advice line, when many planes are flagged, to the warnings. `ctirf_dtype` float32
+    or uint16 (`ctirf_scale` counts a step; default from the input, see `encoding`).
     """
+    check_tiff_dtype(ctirf_dtype)
+    make_encoding(ctirf_dtype, ctirf_scale)  # bad values fail before any work
     source, output = Path(source), Path(output)
     sources = read_sources(source)
     store, files = position_files(output, len(sources))
@@ -226,10 +234,26 @@ def process_file(
         summary = {**log_.summary(), "sidecar": sidecar_path(store).name}
         if summary["advice"]:
             warnings.append(summary["advice"])
-    for i, (job, result, file) in enumerate(zip(jobs, results, files, strict=True)):
+    peak = max((float(r.max()) for r in results if r.size), default=None)
+    encoding = make_encoding(ctirf_dtype, ctirf_scale, input_dtype=jobs[0].data.dtype, peak=peak)
+    encoded = [_encode(result, replace(encoding)) for result in results]
+    for enc in (e for _, e in encoded):
+        if clip := enc.clip_warning():
+            warnings.append(clip)
+            log.warning(clip)
+    for i, (job, (result, enc), file) in enumerate(zip(jobs, encoded, files, strict=True)):
         _write(job, result, file, source, restorer, warnings, i if len(files) > 1 else None,
-               summary)
+               summary, enc)
     return store, warnings
+
+
+def _encode(result: np.ndarray, encoding: Encoding) -> tuple[np.ndarray, Encoding]:
+    """The stored form of one series' result, plane by plane (clipping counted per plane)."""
+    planes = _planes_2d(result)
+    out = np.empty(planes.shape, encoding.numpy_dtype)
+    for i, plane in enumerate(planes):
+        out[i] = encoding.encode(plane)
+    return out.reshape(result.shape), encoding
 
 
 def _write(
@@ -241,10 +265,12 @@ def _write(
     warnings: list[str],
     position: int | None,
     consistency: dict[str, Any] | None = None,
+    encoding: Encoding | None = None,
 ) -> Path:
     info = job.series.info
     metadata: dict[str, Any] = {
         **info.metadata,
+        "encoding": (encoding or Encoding()).describe(),  # never the input's own
         "ctirf_processing": {
             **restorer.describe(),
             "source": str(job.series.file.resolve()),

@@ -5,8 +5,9 @@ as an `output=` of `core.mda.run`. It writes on its own thread and is never touc
 the processing, so a model crash cannot cost raw data.
 
 cTIRF results go to a second store with the raw store's dimensions, in OME order
-`[t][c][z]yx` (channels: only the processed ones, named `cTIRF <preset>`), float32 in
-the input's intensity scale, one image per stage position (each (p, g) pair of the
+`[t][c][z]yx` (channels: only the processed ones, named `cTIRF <preset>`), in the
+input's intensity scale as float32, or float16/uint16 with a recorded scale (`encoding`;
+`read_result` undoes it), one image per stage position (each (p, g) pair of the
 events, so grid sub-sequences on positions work), laid out and named as the raw store
 (`ctirf.ome.tiff` or `ctirf/ctirf_p000.ome.tiff`, ...; Zarr series named after the
 positions, see `naming`), with the model and PSF metadata
@@ -31,13 +32,14 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from ctirf_live.data.tiff import KEY, NAMESPACE, atomic_write_json, read_ome_tiff
+from ctirf_live.inference.encoding import Encoding, check_tiff_dtype, decode, encoding_of
 from ctirf_live.inference.naming import (
     ctirf_channel_name,
     position_files,
@@ -244,7 +246,7 @@ class ResultLayout:
 
 
 def _store_metadata(
-    layout: ResultLayout, sequence: Any, metadata: Mapping[str, Any] | None
+    layout: ResultLayout, sequence: Any, metadata: Mapping[str, Any] | None, encoding: Encoding
 ) -> dict[str, Any]:
     try:
         seq = json.loads(sequence.model_dump_json(exclude_unset=True))
@@ -252,7 +254,8 @@ def _store_metadata(
         seq = None
     return {
         "kind": "ctirf",
-        "dtype": "float32 in the input's intensity scale",
+        "dtype": f"{encoding.dtype}: stored * scale + offset in the input's intensity scale",
+        "encoding": encoding.describe(),
         "layout": layout.describe(),
         "model": dict(metadata or {}),
         "mda_sequence": seq,
@@ -260,9 +263,12 @@ def _store_metadata(
 
 
 class _BaseResultWriter:
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, overwrite: bool = False, encoding: Encoding | None = None
+    ) -> None:
         self.path = self.requested = Path(path)
         self.overwrite = overwrite
+        self.encoding = encoding or Encoding()  # counts reset by every open
         self.layout: ResultLayout | None = None
         self.frames_written = 0
         self._done: list[np.ndarray] = []
@@ -280,6 +286,9 @@ class _BaseResultWriter:
             if target.exists() and not self.overwrite:
                 raise FileExistsError(f"{target} exists; choose another output or pass --overwrite")
         self.layout = ResultLayout.from_sequence(sequence, frame_shape, channels, pixel_size_um)
+        self.encoding = replace(
+            self.encoding, clipped_pixels=0, planes_clipped=0, pixels_seen=0, value_range=[]
+        )
         self._done = [np.zeros(self.layout.planes, bool) for _ in range(self.layout.positions)]
         self.frames_written = 0
         return self.layout
@@ -296,6 +305,11 @@ class _BaseResultWriter:
         return [self.requested]
 
     @property
+    def bytes_per_pixel(self) -> int:
+        """Bytes one stored cTIRF pixel takes (for the free-space checks)."""
+        return self.encoding.itemsize
+
+    @property
     def planes_total(self) -> int:
         """Planes the store has room for, over all positions."""
         return self.layout.planes * self.layout.positions if self.layout else 0
@@ -310,6 +324,7 @@ class _BaseResultWriter:
         return {
             **self._meta,
             **self.extra,
+            "encoding": self.encoding.describe(),
             "processed": processed,
             "planes_processed": self.frames_written,
         }
@@ -319,8 +334,11 @@ class OmeTiffResultWriter(_BaseResultWriter):
     """cTIRF results as OME-TIFF, pwrite'd: one file, or for several positions a folder
     named after the file's stem with `<stem>_p000.ome.tiff`, ... (as the raw store)."""
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
-        super().__init__(path, overwrite=overwrite)
+    def __init__(
+        self, path: str | Path, *, overwrite: bool = False, encoding: Encoding | None = None
+    ) -> None:
+        super().__init__(path, overwrite=overwrite, encoding=encoding)
+        check_tiff_dtype(self.encoding.dtype)
         self._fds: list[int] = []
         self._offsets: list[int] = []
         self.files: list[Path] = []
@@ -348,8 +366,8 @@ class OmeTiffResultWriter(_BaseResultWriter):
                 target.unlink(missing_ok=True)
         self.path, self.files = position_files(self.requested, layout.positions)
         self.files[0].parent.mkdir(parents=True, exist_ok=True)
-        self._meta = _store_metadata(layout, sequence, metadata)
-        nbytes = layout.planes * layout.plane_bytes
+        self._meta = _store_metadata(layout, sequence, metadata, self.encoding)
+        nbytes = layout.planes * int(np.prod(layout.frame_shape)) * self.bytes_per_pixel
         for i, file in enumerate(self.files):
             meta = {**self._meta, "position": i, "processed": "pending"}
             ome = self._ome(layout, meta, i)
@@ -363,7 +381,7 @@ class OmeTiffResultWriter(_BaseResultWriter):
             offset, _ = tifffile.imwrite(
                 file,
                 shape=layout.shape,
-                dtype="<f4",
+                dtype=self.encoding.numpy_dtype,
                 ome=True,
                 bigtiff=nbytes > 2**31,
                 photometric="minisblack",
@@ -406,7 +424,7 @@ class OmeTiffResultWriter(_BaseResultWriter):
         pos, planes = self.layout.locate(event_index, result)
         for idx, plane in planes:
             flat = int(np.ravel_multi_index(idx, self.layout.sizes)) if idx else 0
-            data = np.ascontiguousarray(plane, "<f4").tobytes()
+            data = self.encoding.encode(plane).tobytes()
             _pwrite_all(self._fds[pos], data, self._offsets[pos] + flat * len(data))
             self._mark(pos, idx)
 
@@ -448,8 +466,10 @@ def _replace_annotation(file: Path, meta: Mapping[str, Any]) -> None:
 class OmeZarrResultWriter(_BaseResultWriter):
     """cTIRF results as OME-Zarr v0.5 (yaozarrs layout, tensorstore writes)."""
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
-        super().__init__(path, overwrite=overwrite)
+    def __init__(
+        self, path: str | Path, *, overwrite: bool = False, encoding: Encoding | None = None
+    ) -> None:
+        super().__init__(path, overwrite=overwrite, encoding=encoding)
         self._arrays: list[Any] = []
         self._groups: list[Path] = []
         self._windows: dict[tuple[int, int], np.ndarray] = {}
@@ -469,8 +489,8 @@ class OmeZarrResultWriter(_BaseResultWriter):
         self.close()
         layout = self._layout(sequence, frame_shape, channels, pixel_size_um)
         image = self._image_model(layout)
-        meta = self._meta = _store_metadata(layout, sequence, metadata)
-        spec = (layout.shape, "float32")
+        meta = self._meta = _store_metadata(layout, sequence, metadata, self.encoding)
+        spec = (layout.shape, self.encoding.dtype)
         chunks = (*(1 for _ in layout.sizes), *layout.frame_shape)
         common = dict(chunks=chunks, writer="tensorstore", overwrite=True, compression="none")
         self._windows = {}
@@ -488,6 +508,20 @@ class OmeZarrResultWriter(_BaseResultWriter):
             self._arrays = [arrays[f"{name}/0"] for name in names]
             self._groups = [self.path / name for name in names]
             self._set_attributes(meta)
+        self._set_cf_attributes()
+
+    def _set_cf_attributes(self) -> None:
+        """CF packed-data attributes on each array (`value = stored * scale_factor +
+        add_offset`), which xarray and other CF-aware Zarr readers undo by themselves."""
+        if self.encoding.dtype != "uint16":
+            return
+        for group in self._groups:
+            doc_path = group / "0" / "zarr.json"
+            doc = json.loads(doc_path.read_text())
+            doc.setdefault("attributes", {}).update(
+                scale_factor=self.encoding.scale, add_offset=self.encoding.offset
+            )
+            atomic_write_json(doc_path, doc)
 
     def _set_attributes(self, meta: Mapping[str, Any]) -> None:
         root = self.path / "zarr.json"
@@ -532,9 +566,8 @@ class OmeZarrResultWriter(_BaseResultWriter):
             raise RuntimeError("result writer is not open")
         pos, planes = self.layout.locate(event_index, result)
         array = self._arrays[pos]
-        futures = [
-            array[idx].write(np.ascontiguousarray(plane, np.float32)) for idx, plane in planes
-        ]
+        planes = [(idx, self.encoding.encode(plane)) for idx, plane in planes]
+        futures = [array[idx].write(plane) for idx, plane in planes]
         for f in futures:
             f.result()
         for idx, plane in planes:
@@ -542,10 +575,12 @@ class OmeZarrResultWriter(_BaseResultWriter):
             self._extend_window(pos, idx, plane)
 
     def _extend_window(self, pos: int, idx: tuple[int, ...], plane: np.ndarray) -> None:
-        """Track each image's and channel's (min, 0.1th pct, 99.9th pct, max) so far."""
+        """Track each image's and channel's (min, 0.1th pct, 99.9th pct, max) so far, in
+        stored units (the omero window applies to the stored values)."""
         assert self.layout is not None
         c = idx[self.layout.axes.index("c")] if "c" in self.layout.axes else 0
-        finite = plane[::4, ::4][np.isfinite(plane[::4, ::4])]
+        sample = plane[::4, ::4].astype(np.float32)
+        finite = sample[np.isfinite(sample)]
         if finite.size == 0:
             return
         lo, hi = np.percentile(finite, (0.1, 99.9))
@@ -584,25 +619,35 @@ class OmeZarrResultWriter(_BaseResultWriter):
 
 
 def make_result_writer(
-    out_dir: str | Path, fmt: str = "ome-tiff", *, overwrite: bool = False
+    out_dir: str | Path,
+    fmt: str = "ome-tiff",
+    *,
+    overwrite: bool = False,
+    encoding: Encoding | None = None,
 ) -> OmeTiffResultWriter | OmeZarrResultWriter:
-    """The cTIRF writer for a format, at `result_output_path(out_dir, fmt)`."""
+    """The cTIRF writer for a format, at `result_output_path(out_dir, fmt)`, storing values
+    as `encoding` says (default float32)."""
     path = result_output_path(out_dir, fmt)
     if check_format(fmt) == "ome-zarr":
-        return OmeZarrResultWriter(path, overwrite=overwrite)
-    return OmeTiffResultWriter(path, overwrite=overwrite)
+        return OmeZarrResultWriter(path, overwrite=overwrite, encoding=encoding)
+    return OmeTiffResultWriter(path, overwrite=overwrite, encoding=encoding)
 
 
-def read_result(path: str | Path, position: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a cTIRF store back: (array in `[t][c][z]yx` order, ctirf metadata)."""
+def read_result(
+    path: str | Path, position: int = 0, *, decoded: bool = True
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a cTIRF store back: (array in `[t][c][z]yx` order, ctirf metadata); values
+    in the input's intensity units (float32), or as stored with `decoded=False`."""
     path = Path(path)
     if path.name.endswith(".zarr") or (path / "zarr.json").exists():
-        return _read_zarr(path, position)
-    data, info = read_ome_tiff(_result_file(path, position))
-    layout_shape = info.metadata.get("layout", {}).get("shape")
-    if layout_shape and int(np.prod(layout_shape)) == data.size:
-        data = data.reshape(layout_shape)
-    return data, info.metadata
+        data, meta = _read_zarr(path, position)
+    else:
+        data, info = read_ome_tiff(_result_file(path, position))
+        meta = info.metadata
+        layout_shape = meta.get("layout", {}).get("shape")
+        if layout_shape and int(np.prod(layout_shape)) == data.size:
+            data = data.reshape(layout_shape)
+    return (decode(data, encoding_of(meta)) if decoded else data), meta
 
 
 def _result_file(path: Path, position: int) -> Path:

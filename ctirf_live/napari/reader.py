@@ -11,6 +11,8 @@ here imports napari, so they are usable (and tested) without it.
   and channel, read lazily with zarr, display window from the store's omero metadata.
 
 Scale is the pixel size (and z step) in micrometres; contrast limits come from the data.
+cTIRF stored as uint16/float16 (`encoding` in its metadata) is shown in the input's
+intensity units: the recorded scale and offset are undone (lazily for OME-Zarr).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from ctirf_live.data.dataset import FORMAT as DATASET_FORMAT
 from ctirf_live.data.dataset import MANIFEST
+from ctirf_live.inference.encoding import decode, encoding_of
 from ctirf_live.inference.naming import tiff_stem
 from ctirf_live.inference.rawstore import is_zarr, tiff_files
 
@@ -159,7 +162,8 @@ def read_tiff(file: Path, multi: bool = False) -> list[LayerData]:
         where = info.name or tiff_stem(s.file)
         label = where if multi or len(series) > 1 else ""
         base = {"name": label, "metadata": {"ctirf": info.metadata, "file": str(s.file)}}
-        layers += _split_channels(s.data, info.axes, info.channel_names, scale, base)
+        data = decode(s.data, encoding_of(info.metadata))
+        layers += _split_channels(data, info.axes, info.channel_names, scale, base)
     return layers
 
 
@@ -183,6 +187,8 @@ def read_zarr(root: Path) -> list[LayerData]:
     if not images:
         raise ValueError(f"{root} holds no OME-Zarr image; is it a complete store?")
     store_meta = attrs.get("ctirf", {})
+    encoding = encoding_of(store_meta)
+    gain, offset = (encoding or {}).get("scale", 1.0), (encoding or {}).get("offset", 0.0)
     layers = []
     for name, path, meta in images:
         ms = meta["multiscales"][0]
@@ -192,13 +198,16 @@ def read_zarr(root: Path) -> list[LayerData]:
             t["scale"] for t in dataset["coordinateTransformations"] if t["type"] == "scale"
         )
         scale = {a: float(s) for a, s in zip(axes, scale_values, strict=True)}
-        array = dask.array.from_zarr(zarr.open_array(path / dataset["path"], mode="r"))
+        array = decode(
+            dask.array.from_zarr(zarr.open_array(path / dataset["path"], mode="r")), encoding
+        )
         channels = (meta.get("omero") or {}).get("channels") or []
         labels = [str(ch.get("label", "")) for ch in channels]
         base = {"name": name if len(images) > 1 else "", "metadata": {"ctirf": store_meta}}
         for i, layer in enumerate(_split_channels(array, axes, labels, scale, base)):
             window = (channels[i] if i < len(channels) else {}).get("window") or {}
             if "start" in window and window.get("end", 0) > window["start"]:
-                layer[1]["contrast_limits"] = (float(window["start"]), float(window["end"]))
+                limits = (float(window["start"]), float(window["end"]))  # in stored units
+                layer[1]["contrast_limits"] = tuple(v * gain + offset for v in limits)
             layers.append(layer)
     return layers
