@@ -1,7 +1,12 @@
 """The live window on the demo rig (pytest-qt, offscreen): buttons pressed, runs to the end,
-closing mid-run, the 3D model's z slider, linked panes, screenshots of the main states.
+closing mid-run, the 3D model's z slider, linked panes, statistics per run, model names.
 
-Screenshots go to `$CTIRF_SCREENS` when set (e.g. benchmarks/screens), else a tmp dir.
+Behaviour, not pixels: the canvases are vispy's, which draw nothing on Qt's offscreen
+platform (what a CI machine without a Vulkan driver gets anyway); pygfx on Mesa's software
+Vulkan (lavapipe) crashed natively during z-stack runs here, so it is not used for these.
+Pixels are checked by benchmarks/screens.py.
+Most tests share one window (each ndv viewer costs about a second to build); each test
+gives it the processor it needs. Set CTIRF_SCREENS=folder to keep grabs of the states.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,36 +27,46 @@ import useq
 pytest.importorskip("ndv")
 pytest.importorskip("pymmcore_widgets")
 
+from conftest import DEMO_CFG
 from psygnal import Signal
+from qtpy.compat import isalive
+from qtpy.QtCore import QEvent
 from qtpy.QtWidgets import QApplication
 
 from ctirf_live.config import Optics
-from ctirf_live.gui.backend import canvas_renders
-from ctirf_live.gui.controls import generated_icons
+from ctirf_live.gui import icons
 from ctirf_live.gui.live_window import LiveWindow
+from ctirf_live.inference.live import LiveProcessor
 from ctirf_live.inference.restorer import Restorer
 from ctirf_live.models.etnet import ET2dNet, ET3dNet
 
-# Known open problem: the second MDA of a test session segfaults in the Qt event loop
-# (pygfx canvases of closed windows?). Until fixed these run only on request.
+os.environ.setdefault("NDV_CANVAS_BACKEND", "vispy")
+
+# Open problem: a session running these still segfaults at times inside the Qt event loop
+# (with vispy too, at unrelated Python lines, which points at a garbage collection
+# finalizing Qt wrappers; the close/hang/CLI tests passed once with gc disabled, not yet
+# proof). Until that is fixed they run only on request.
 pytestmark = pytest.mark.skipif(
     not os.environ.get("CTIRF_GUI_TESTS"),
-    reason="window tests segfault on a second MDA run (open); set CTIRF_GUI_TESTS=1",
+    reason="window tests can segfault during garbage collection (open); CTIRF_GUI_TESTS=1",
 )
+
+ROI = 128
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _no_icon_downloads():
-    """Icons from iconify.design would be fetched (or time out) for every widget."""
-    with generated_icons():
-        yield
+def _offline_icons() -> Iterator[None]:
+    """No request to iconify.design: the generated stand-ins, as offline."""
+    icons.set_offline(True)
+    yield
+    icons.set_offline(False)
 
 
-@pytest.fixture
-def screens(tmp_path) -> Path:
-    folder = Path(os.environ.get("CTIRF_SCREENS") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def grab(win: LiveWindow, name: str) -> None:
+    folder = os.environ.get("CTIRF_SCREENS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        assert win.grab().save(str(Path(folder) / f"{name}.png"))
 
 
 @dataclass
@@ -102,7 +118,7 @@ class FakeProcessor:
 def tiny_restorer(pixel_size_um: float = 0.0975, dims: int = 2) -> Restorer:
     torch.manual_seed(0)
     net = ET2dNet if dims == 2 else ET3dNet
-    return Restorer(net(Optics(pixel_size_um=pixel_size_um), "tiny"), device="cpu", tile=128,
+    return Restorer(net(Optics(pixel_size_um=pixel_size_um), "tiny"), device="cpu", tile=ROI,
                     overlap=32)
 
 
@@ -111,13 +127,42 @@ def restorer() -> Restorer:
     return tiny_restorer()
 
 
-def open_window(qtbot, core, processor, **kwargs) -> LiveWindow:
-    win = LiveWindow(core, processor, **kwargs)
-    qtbot.addWidget(win)
-    win.resize(1500, 860)
-    win.show()
-    qtbot.waitExposed(win)
-    return win
+@pytest.fixture(scope="module")
+def core() -> Iterator[Any]:
+    """The demo rig for this module's windows (small, fast camera)."""
+    from ctirf_live.acquisition.core import open_core
+
+    with open_core(DEMO_CFG) as core:
+        core.setProperty("Camera", "RealTime", "0")
+        core.setExposure(20)
+        core.setROI(960, 960, ROI, ROI)
+        yield core
+
+
+def close_window(win: LiveWindow) -> None:
+    """What closing does, then Qt deletes the widgets (as the CLI does)."""
+    win.close()
+    win.deleteLater()
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    QApplication.processEvents()
+
+
+@pytest.fixture(scope="module")
+def win(qapp, core, restorer) -> Iterator[LiveWindow]:
+    """One window for the tests that do not close it."""
+    window = LiveWindow(core, FakeProcessor(restorer))
+    window.resize(1500, 860)
+    window.show()
+    yield window
+    close_window(window)
+
+
+def use(win: LiveWindow, processor: Any) -> Any:
+    """Give the shared window a fresh processor and its default view."""
+    win.set_processor(processor)
+    win.compare_combo.setCurrentText("side by side")
+    win.residual_box.setChecked(False)
+    return processor
 
 
 def filled(pane) -> bool:
@@ -125,50 +170,52 @@ def filled(pane) -> bool:
     return plane is not None and bool(np.any(plane))
 
 
-def test_snap_live_compare_and_linked_zoom(qtbot, demo_core, restorer, screens) -> None:
-    """Snap (the pymmcore-widgets button), the EPI/TIRF selector, overlay and blink,
-    linked zoom, live streaming; screenshots of each state."""
-    processor = FakeProcessor(restorer)
-    win = open_window(qtbot, demo_core, processor)
+def test_snap_presets_compare_linked_zoom_and_live(qtbot, win, core, restorer) -> None:
+    """Snap (the pymmcore-widgets button), the EPI/TIRF selector both ways, overlay and
+    blink, linked zoom, live streaming."""
+    processor = use(win, FakeProcessor(restorer))
     assert win.devices.illumination.isEnabled() and win.devices.objective is not None
     assert len(win.devices.stages) == 2  # XY stage and focus
 
-    demo_core.setConfig("Illumination", "TIRF")
+    core.setConfig("Illumination", "TIRF")
     combo = win.devices.illumination._combo  # the preset selector follows the rig
     qtbot.waitUntil(lambda: combo.currentText() == "TIRF", timeout=5000)
+    qtbot.wait(50)  # and stays there once the property change has settled
+    assert combo.currentText() == "TIRF"
     win.snap_button.click()
     qtbot.waitUntil(lambda: filled(win.raw_pane), timeout=20000)
     assert win.ctirf_pane.shown_plane() is None  # a TIRF snap is shown raw only
     assert "TIRF frame shown raw" in win.statusBar().currentMessage()
 
     combo.setCurrentText("EPI")
-    assert demo_core.getCurrentConfig("Illumination") == "EPI"
+    assert core.getCurrentConfig("Illumination") == "EPI"
     win.snap_button.click()
     qtbot.waitUntil(lambda: filled(win.ctirf_pane), timeout=30000)
     assert win.ctirf_pane.buffer.dtype == np.float32
-    assert win.ctirf_pane.shown_plane().shape == (128, 128)
+    assert win.ctirf_pane.shown_plane().shape == (ROI, ROI)
     qtbot.waitUntil(lambda: win._mode == "idle" and win.residual_box.isEnabled(), timeout=5000)
     qtbot.waitUntil(lambda: "old" in win.ctirf_pane.info.text(), timeout=5000)
     assert win.raw_pane.scale_bar.pixel_size_um == pytest.approx(0.0975)
-    assert win.grab().save(str(screens / "live_window_snap.png"))
+    grab(win, "snap")
 
-    if canvas_renders():  # pan/zoom in one pane moves the other
-        qtbot.waitUntil(lambda: win.raw_pane.screen_px_per_data_px() is not None, timeout=5000)
-        before = win.ctirf_pane.screen_px_per_data_px()
-        win.raw_pane.zoom(2.0)
-        assert win.view_link.sync()
-        assert win.ctirf_pane.screen_px_per_data_px() == pytest.approx(2 * before, rel=0.02)
-        assert win.raw_pane.screen_px_per_data_px() == pytest.approx(2 * before, rel=0.02)
+    # pan/zoom in one pane moves the other (camera state, whether or not it draws)
+    qtbot.waitUntil(lambda: win.raw_pane.screen_px_per_data_px() is not None, timeout=5000)
+    before = win.ctirf_pane.screen_px_per_data_px()
+    win.raw_pane.zoom(2.0)
+    win.view_link.sync()
+    assert win.raw_pane.screen_px_per_data_px() == pytest.approx(2 * before, rel=0.02)
+    assert win.ctirf_pane.screen_px_per_data_px() == pytest.approx(2 * before, rel=0.02)
 
     win.compare_combo.setCurrentText("overlay")
     compare = win.compare_pane
     assert win.pages.currentWidget() is compare and compare.mode == "overlay"
     overlay = compare.buffer
     np.testing.assert_array_equal(overlay.plane({"c": 1}), win.ctirf_pane.shown_plane())
-    assert overlay.plane({"c": 0}).any()  # the raw frame the cTIRF was made from
+    assert overlay.plane({"c": 0}).any()  # the raw frame the cTIRF was made from,
+    np.testing.assert_array_equal(overlay.plane({"c": 0}), win.raw_pane.shown_plane())  # shown
     win.residual_box.setChecked(True)
     assert overlay.plane({"c": 2}).any()  # |x^ - x| from the same forward pass
-    assert win.grab().save(str(screens / "live_window_overlay.png"))
+    grab(win, "overlay")
     win.compare_combo.setCurrentText("blink")
     first = compare.pane.index().get("c", 0)
     qtbot.waitUntil(lambda: compare.pane.index().get("c", 0) != first, timeout=3000)
@@ -177,23 +224,18 @@ def test_snap_live_compare_and_linked_zoom(qtbot, demo_core, restorer, screens) 
 
     win.live_button.click()  # pymmcore-widgets' Live button; the window notices
     qtbot.waitUntil(lambda: win._mode == "live" and processor.live_attached, timeout=5000)
-    n = len(win.raw_pane.buffer.channels)  # a 2D live buffer
-    assert n == 0 and not win.snap_button.isEnabled()
+    assert not win.raw_pane.buffer.channels and not win.snap_button.isEnabled()
     qtbot.waitUntil(lambda: "live" in win.stats_label.text(), timeout=3000)
     win.live_button.click()
     qtbot.waitUntil(lambda: win._mode == "idle" and not processor.live_attached, timeout=5000)
-    win.shutdown()
 
 
-def test_mda_editor_run_to_completion_with_z_stacks(qtbot, demo_core, restorer, tmp_path,
-                                                    screens) -> None:
+def test_mda_editor_run_to_completion_with_z_stacks(qtbot, win, restorer, tmp_path) -> None:
     """Run pressed in pymmcore-widgets' MDA editor with its save box: raw + cTIRF stores,
-    per-run statistics, t/z sliders linked, an XZ view."""
-    from ctirf_live.inference.live import LiveProcessor
+    per-run statistics, t/z sliders linked, an XZ view; the next run counts from zero."""
     from ctirf_live.inference.writers import read_result
 
-    processor = LiveProcessor(restorer, policy="record")
-    win = open_window(qtbot, demo_core, processor)
+    processor = use(win, LiveProcessor(restorer, policy="record"))
     seq = useq.MDASequence(time_plan={"interval": 0, "loops": 2},
                            z_plan={"range": 1.0, "step": 0.2})
     win.mda_widget.setValue(seq)
@@ -207,7 +249,7 @@ def test_mda_editor_run_to_completion_with_z_stacks(qtbot, demo_core, restorer, 
     run_dir = win.run_dir
     assert run_dir.parent == tmp_path and run_dir.name.startswith("exp")
     ctirf, meta = read_result(run_dir / "ctirf.ome.tiff")
-    assert ctirf.reshape(-1, 128, 128).shape[0] == 12 and meta
+    assert ctirf.reshape(-1, ROI, ROI).shape[0] == 12 and meta
     assert (run_dir / "raw.ome.tiff").is_file()
     qtbot.waitUntil(lambda: "processed 12/12" in win.stats_label.text(), timeout=5000)
 
@@ -220,21 +262,18 @@ def test_mda_editor_run_to_completion_with_z_stacks(qtbot, demo_core, restorer, 
     assert win.ctirf_pane.index() == {"t": 0, "z": 2}  # linked
     win._refresh_status()
     assert win.ctirf_pane.info.text().startswith("t=0 z=2")
-    np.testing.assert_allclose(win.ctirf_pane.shown_plane(), ctirf.reshape(2, 6, 128, 128)[0, 2])
-    assert win.grab().save(str(screens / "live_window_mda.png"))
+    np.testing.assert_allclose(win.ctirf_pane.shown_plane(), ctirf.reshape(2, 6, ROI, ROI)[0, 2])
+    grab(win, "mda_z")
 
     win.run_mda(useq.MDASequence(time_plan={"interval": 0, "loops": 2}))  # counts from 0
     qtbot.waitUntil(lambda: win._mode == "idle", timeout=30000)
     qtbot.waitUntil(lambda: "processed 2/2" in win.stats_label.text(), timeout=5000)
     assert win.xz_row.isHidden() and win.run_dir is None and processor.result_writer is None
-    win.shutdown()
+    assert win.follow_box.isChecked() and win.ctirf_pane.index() == {"t": 1}
 
 
-def test_3d_model_shows_the_stack_with_a_z_slider_and_xz(qtbot, demo_core) -> None:
-    from ctirf_live.inference.live import LiveProcessor
-
-    processor = LiveProcessor(tiny_restorer(dims=3), policy="record")
-    win = open_window(qtbot, demo_core, processor)
+def test_3d_model_shows_the_stack_with_a_z_slider_and_xz(qtbot, win) -> None:
+    use(win, LiveProcessor(tiny_restorer(dims=3), policy="record"))
     win.run_mda(useq.MDASequence(z_plan={"range": 1.0, "step": 0.2}))
     qtbot.waitUntil(lambda: win._mode == "idle", timeout=60000)
     assert win.ctirf_pane.buffer.dims == ("z", "y", "x")
@@ -244,71 +283,9 @@ def test_3d_model_shows_the_stack_with_a_z_slider_and_xz(qtbot, demo_core) -> No
     assert win.raw_pane.index() == {"z": 1}
     np.testing.assert_array_equal(win.ctirf_pane.shown_plane(), planes[1])
     assert win.xz_panes and win.xz_panes[1].buffer is win.ctirf_pane.buffer
-    win.shutdown()
 
 
-def test_close_during_mda_cancels_it_and_leaves_valid_files(qtbot, demo_core, restorer,
-                                                            tmp_path) -> None:
-    import tifffile
-
-    from ctirf_live.inference.live import LiveProcessor
-
-    processor = LiveProcessor(restorer, policy="record")
-    win = open_window(qtbot, demo_core, processor)
-    loops = 400
-    win.run_mda(useq.MDASequence(time_plan={"interval": 0.05, "loops": loops}),
-                save_to=tmp_path / "run.ome.tiff")
-    assert demo_core.mda.is_running() and not win.snap_button.isEnabled()
-    qtbot.waitUntil(lambda: filled(win.ctirf_pane), timeout=30000)
-    win.close()
-    assert not demo_core.mda.is_running() and not processor.running
-    acquired = processor.stats.acquired
-    assert 0 < acquired < loops  # cancelled, not run to the end
-    raw = tifffile.imread(tmp_path / "run" / "raw.ome.tiff")
-    assert raw.reshape(-1, 128, 128).shape[0] >= acquired
-
-
-class Held:
-    """A real Restorer whose restore() waits for a gate (a model that is very slow)."""
-
-    def __init__(self, restorer: Restorer, gate) -> None:
-        self._r, self.gate = restorer, gate
-
-    def __getattr__(self, name: str):
-        return getattr(self._r, name)
-
-    def restore(self, image: np.ndarray, **kwargs) -> np.ndarray:
-        self.gate.wait(60)
-        return self._r.restore(image, **kwargs)
-
-
-def test_closing_during_a_record_run_never_hangs(qtbot, demo_core, restorer, tmp_path) -> None:
-    """The MDA is over, the model is stuck: no "saved" yet, and closing keeps its deadline."""
-    from ctirf_live.inference.live import LiveProcessor
-
-    gate = threading.Event()
-    processor = LiveProcessor(Held(restorer, gate), policy="record",  # type: ignore[arg-type]
-                              spill_dir=tmp_path / "spill")
-    win = open_window(qtbot, demo_core, processor)
-    try:
-        win.run_mda(useq.MDASequence(time_plan={"interval": 0, "loops": 6}),
-                    save_to=tmp_path / "run.ome.tiff")
-        qtbot.waitUntil(lambda: not demo_core.mda.is_running() and not win._worker_alive(),
-                        timeout=30000)
-        win._refresh_status()
-        status = win.statusBar().currentMessage()
-        assert "queued" in status and "saved" not in status and win._mode == "mda"
-        t0 = time.monotonic()
-        win.shutdown(timeout=1.0)
-        assert time.monotonic() - t0 < 5
-        assert "cTIRF worker" in win.statusBar().currentMessage()
-        assert processor.dropped_on_stop > 0
-    finally:
-        gate.set()
-    assert processor.stop(timeout=30)  # the worker ends once the model returns
-
-
-def test_selectors_errors_warnings_and_trust(qtbot, demo_core, restorer, tmp_path) -> None:
+def test_selectors_errors_warnings_and_trust(qtbot, win, restorer, tmp_path) -> None:
     from ctirf_live.models.etnet import save_model
 
     made: list[tuple[str, str]] = []
@@ -317,10 +294,13 @@ def test_selectors_errors_warnings_and_trust(qtbot, demo_core, restorer, tmp_pat
         made.append((model, policy))
         return FakeProcessor(restorer, policy)
 
-    path = save_model(restorer.model, tmp_path / "tiny.safetensors")
-    first = FakeProcessor(Restorer(path, device="cpu", tile=128))
-    win = open_window(qtbot, demo_core, first, make_processor=make)
+    run = tmp_path / "runs" / "rig2_finetune"
+    run.mkdir(parents=True)
+    path = save_model(restorer.model, run / "best.safetensors")
+    first = use(win, FakeProcessor(Restorer(path, device="cpu", tile=ROI)))
+    win._make_processor = make
     assert win.model_combo.currentData() == str(path)
+    assert win.model_combo.currentText().startswith("rig2_finetune")  # the run, not "best"
     assert win.warning_label.isHidden()  # 97.5 nm model on the 97.5 nm rig
 
     win.policy_combo.setCurrentIndex(1)
@@ -351,11 +331,88 @@ def test_selectors_errors_warnings_and_trust(qtbot, demo_core, restorer, tmp_pat
     assert "model crashed" in win.statusBar().currentMessage()
     assert "not trusted" in win.trust_label.text() and "residual 0.9" in win.trust_label.toolTip()
     assert "processed 5/5" in win.stats_label.text()
-    win.shutdown()
 
-    warned = open_window(qtbot, demo_core, FakeProcessor(tiny_restorer(pixel_size_um=0.065)))
-    assert not warned.warning_label.isHidden() and "65.0 nm" in warned.warning_label.text()
-    warned.shutdown()
+    use(win, FakeProcessor(tiny_restorer(pixel_size_um=0.065)))
+    win._refresh_status()
+    assert not win.warning_label.isHidden() and "65.0 nm" in win.warning_label.text()
+    win._make_processor = None
+
+
+def open_window(qtbot, core, processor, register: bool = True) -> LiveWindow:
+    """A window of its own (`register`: pytest-qt closes it after the test)."""
+    win = LiveWindow(core, processor)
+    if register:
+        qtbot.addWidget(win)
+    win.resize(1200, 700)
+    win.show()
+    qtbot.waitExposed(win)
+    return win
+
+
+def test_close_during_mda_cancels_it_and_stops_all_drawing(qtbot, core, restorer,
+                                                           tmp_path) -> None:
+    import tifffile
+
+    processor = LiveProcessor(restorer, policy="record")
+    win = open_window(qtbot, core, processor, register=False)  # deleted here
+    loops = 400
+    win.run_mda(useq.MDASequence(time_plan={"interval": 0.05, "loops": loops},
+                                 z_plan={"range": 0.2, "step": 0.2}),
+                save_to=tmp_path / "run.ome.tiff")
+    assert core.mda.is_running() and not win.snap_button.isEnabled()
+    qtbot.waitUntil(lambda: filled(win.ctirf_pane) and filled(win.xz_panes[1]), timeout=30000)
+    panes = [win.raw_pane, win.ctirf_pane, *win.xz_panes]
+    close_window(win)
+    assert not core.mda.is_running() and not processor.running
+    assert all(p.disposed and p.buffer is None for p in panes)
+    acquired = processor.stats.acquired
+    assert 0 < acquired < 2 * loops  # cancelled, not run to the end
+    raw = tifffile.imread(tmp_path / "run" / "raw.ome.tiff")
+    assert raw.reshape(-1, ROI, ROI).shape[0] >= acquired
+    # the closed window's widgets are off the core: changes to it reach no deleted widget
+    core.setConfig("Illumination", "TIRF")
+    core.setConfig("Illumination", "EPI")
+    core.setExposure(21)
+    core.setPosition(core.getPosition() + 0.2)
+    qtbot.wait(300)  # render timers would fire here: nothing may draw any more
+
+
+class Held:
+    """A real Restorer whose restore() waits for a gate (a model that is very slow)."""
+
+    def __init__(self, restorer: Restorer, gate) -> None:
+        self._r, self.gate = restorer, gate
+
+    def __getattr__(self, name: str):
+        return getattr(self._r, name)
+
+    def restore(self, image: np.ndarray, **kwargs) -> np.ndarray:
+        self.gate.wait(60)
+        return self._r.restore(image, **kwargs)
+
+
+def test_closing_during_a_record_run_never_hangs(qtbot, core, restorer, tmp_path) -> None:
+    """The MDA is over, the model is stuck: no "saved" yet, and closing keeps its deadline."""
+    gate = threading.Event()
+    processor = LiveProcessor(Held(restorer, gate), policy="record",  # type: ignore[arg-type]
+                              spill_dir=tmp_path / "spill")
+    win = open_window(qtbot, core, processor)
+    try:
+        win.run_mda(useq.MDASequence(time_plan={"interval": 0, "loops": 6}),
+                    save_to=tmp_path / "run.ome.tiff")
+        qtbot.waitUntil(lambda: not core.mda.is_running() and not win._worker_alive(),
+                        timeout=30000)
+        win._refresh_status()
+        status = win.statusBar().currentMessage()
+        assert "queued" in status and "saved" not in status and win._mode == "mda"
+        t0 = time.monotonic()
+        win.shutdown(timeout=1.0)
+        assert time.monotonic() - t0 < 5
+        assert "cTIRF worker" in win.statusBar().currentMessage()
+        assert processor.dropped_on_stop > 0
+    finally:
+        gate.set()
+    assert processor.stop(timeout=30)  # the worker ends once the model returns
 
 
 def test_cli_live_without_a_display_is_one_line_exit_2(monkeypatch) -> None:
@@ -373,7 +430,7 @@ def test_cli_live_without_a_display_is_one_line_exit_2(monkeypatch) -> None:
 
 
 def test_cli_live_opens_the_window_and_exits_0(qtbot, restorer, tmp_path) -> None:
-    from conftest import DEMO_CFG
+    """-s fills the MDA editor and -o its save box (-s must not clear -o)."""
     from qtpy.QtCore import QTimer
     from typer.testing import CliRunner
 
@@ -384,10 +441,11 @@ def test_cli_live_opens_the_window_and_exits_0(qtbot, restorer, tmp_path) -> Non
     seq = tmp_path / "seq.yaml"
     seq.write_text(useq.MDASequence(time_plan={"interval": 0, "loops": 3}).yaml())
     seen: list[Any] = []
+    before = [w for w in QApplication.topLevelWidgets() if isinstance(w, LiveWindow) and isalive(w)]
 
     def close_window() -> None:  # what a user does: look, then close the window
         for w in QApplication.topLevelWidgets():
-            if isinstance(w, LiveWindow) and w.isVisible():
+            if isinstance(w, LiveWindow) and w.isVisible() and w not in before:
                 seen.append((w.model_combo.currentData(), w.mda_widget.value().sizes.get("t"),
                              w.mda_widget.save_info.value()["save_dir"]))
                 w.close()
@@ -402,4 +460,5 @@ def test_cli_live_opens_the_window_and_exits_0(qtbot, restorer, tmp_path) -> Non
     guard.stop()
     assert result.exit_code == 0, result.output
     assert seen == [(str(model), 3, str(tmp_path))]
-    assert not [w for w in QApplication.topLevelWidgets() if isinstance(w, LiveWindow)]
+    after = [w for w in QApplication.topLevelWidgets() if isinstance(w, LiveWindow) and isalive(w)]
+    assert after == before  # the CLI's window is gone

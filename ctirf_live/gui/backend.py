@@ -6,7 +6,10 @@ also draws with Qt's `offscreen` platform (tests, screenshots, remote sessions).
 needs the adapter feature `float32-filterable` (its colormaps are float32 textures);
 Mesa's OpenGL path through wgpu lacks it. vispy draws through a QOpenGLWidget: fine on a
 desktop, but Qt's offscreen platform has no OpenGL context, so there it shows controls and
-an empty canvas. `NDV_CANVAS_BACKEND=pygfx|vispy` overrides the choice.
+an empty canvas. On lavapipe (a CPU adapter) pygfx crashed natively during z-stack runs
+(segfaults in the software renderer, not reproduced with vispy), so a CPU adapter is used
+only where vispy cannot draw at all (offscreen): screenshots; with a display, Mesa's
+OpenGL serves vispy. `NDV_CANVAS_BACKEND=pygfx|vispy` overrides the choice.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ PYGFX_FEATURE = "float32-filterable"
 
 
 @functools.cache
-def wgpu_adapter() -> str | None:
-    """The wgpu adapter pygfx would use, if it offers what pygfx needs (else None)."""
+def _adapter_info() -> tuple[str, bool] | None:
+    """(summary, is a CPU adapter) of the adapter pygfx would use, if it offers what
+    pygfx needs (else None)."""
     try:
         import wgpu
 
@@ -33,15 +37,27 @@ def wgpu_adapter() -> str | None:
         return None
     if adapter is None or PYGFX_FEATURE not in adapter.features:
         return None
-    return str(adapter.summary)
+    kind = str(dict(adapter.info).get("adapter_type", "")).lower()
+    return str(adapter.summary), kind == "cpu" or "(cpu)" in str(adapter.summary).lower()
+
+
+def wgpu_adapter() -> str | None:
+    """The wgpu adapter pygfx would use, if it offers what pygfx needs (else None)."""
+    info = _adapter_info()
+    return info[0] if info else None
+
+
+def _offscreen() -> bool:
+    return os.environ.get("QT_QPA_PLATFORM", "").split(":")[0] in ("offscreen", "minimal")
 
 
 def choose_canvas_backend() -> str:
-    """Set (once) and return ndv's canvas backend: the user's choice, else pygfx if wgpu
-    has a suitable adapter, else vispy."""
+    """Set (once) and return ndv's canvas backend: the user's choice, else pygfx on a GPU
+    adapter (or a CPU one where nothing else can draw), else vispy."""
     chosen = os.environ.get(CANVAS_ENV_VAR, "").lower()
     if not chosen:
-        chosen = "pygfx" if wgpu_adapter() else "vispy"
+        info = _adapter_info()
+        chosen = "pygfx" if info and (not info[1] or _offscreen()) else "vispy"
         os.environ[CANVAS_ENV_VAR] = chosen
     log.info("ndv canvas backend: %s (%s)", chosen, wgpu_adapter() or "OpenGL")
     return chosen
@@ -50,6 +66,4 @@ def choose_canvas_backend() -> str:
 def canvas_renders() -> bool:
     """Whether the chosen backend puts pixels on screen here (False: vispy on Qt's
     offscreen platform, which has no OpenGL context)."""
-    backend = choose_canvas_backend()
-    platform = os.environ.get("QT_QPA_PLATFORM", "").split(":")[0]
-    return backend == "pygfx" or platform not in ("offscreen", "minimal")
+    return choose_canvas_backend() == "pygfx" or not _offscreen()

@@ -9,10 +9,9 @@ window, so each run also restores cTIRF and writes its store beside the raw one.
 
 from __future__ import annotations
 
-import logging
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,23 @@ from pymmcore_widgets import (
     SnapButton,
     StageWidget,
 )
+from qtpy.compat import isalive
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFormLayout, QGroupBox, QHBoxLayout, QVBoxLayout, QWidget
 
 from ctirf_live.config import ILLUMINATION_GROUP, OBJECTIVE_GROUP
-
-log = logging.getLogger(__name__)
+from ctirf_live.gui import icons
 
 RunRequest = Callable[[Any, "Path | None"], None]
 FORMATS = {".ome.tiff": "ome-tiff", ".ome.tif": "ome-tiff", ".ome.zarr": "ome-zarr"}
+# pymmcore-widgets parts (0.12) that connect to the core without a `_disconnect`
+CORE_SLOTS = {
+    "PropertyWidget": (("propertyChanged", "_on_core_changed"),
+                       ("systemConfigurationLoaded", "_on_config_loaded")),
+    "CoreConnectedGridPlanWidget": (("systemConfigurationLoaded", "_update_fov_size"),
+                                    ("pixelSizeChanged", "_update_fov_size"),
+                                    ("roiSet", "_update_fov_size")),
+}
 
 
 def run_folder_and_format(save_path: str | Path) -> tuple[Path, str]:
@@ -51,36 +59,34 @@ def run_folder_and_format(save_path: str | Path) -> tuple[Path, str]:
     )
 
 
-@contextmanager
-def generated_icons() -> Iterator[None]:
-    """Plain stand-in icons while iconify.design cannot be reached.
+def disconnect_widgets(root: QWidget) -> int:
+    """Disconnect every pymmcore-widgets widget under `root` from its core, now.
 
-    pymmcore-widgets and superqt fetch their icons from iconify.design once and cache
-    them; offline (common on microscope PCs) superqt falls back by itself, but the stage
-    widget's arrows raise. Inside this block both get a generated dot in the requested
-    colour instead (the arrow buttons keep their positions, so directions stay clear).
+    Those widgets disconnect on their `destroyed` signal, which does not reach them with
+    PySide6 6.12 (measured: a deleted PresetsWidget still received propertyChanged), and
+    the property browser's and grid plan's widgets have no disconnect at all. A window
+    closed on a core that lives on (scripts, notebooks, tests) then left slots of
+    deleted C++ widgets on the core's events, called at the next property change or
+    MDA: exceptions, and a crash during the next z-stack. Returns how many widgets were
+    disconnected.
     """
-    import pymmcore_widgets.control._stage_widget as stage_module
-    import superqt.iconify as iconify
-
-    folder = Path(tempfile.mkdtemp(prefix="ctirf-icons-"))
-
-    def svg_path(*key: str, color: str | None = None, **kwargs: Any) -> Path:
-        fill = color or "#808080"
-        path = folder / f"{abs(hash((key, fill)))}.svg"
-        if not path.exists():
-            path.write_text(
-                '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24">'
-                f'<circle cx="12" cy="12" r="7" fill="{fill}"/></svg>'
-            )
-        return path
-
-    saved = stage_module.svg_path, iconify.svg_path
-    stage_module.svg_path = iconify.svg_path = svg_path
-    try:
-        yield
-    finally:
-        stage_module.svg_path, iconify.svg_path = saved
+    count = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # Qt: "failed to disconnect"
+        for widget in [root, *root.findChildren(QWidget)]:
+            core = getattr(widget, "_mmc", None)
+            if core is None:
+                continue
+            disconnect = getattr(widget, "_disconnect", None)
+            if callable(disconnect):
+                with suppress(Exception):  # half-connected or already disconnected
+                    disconnect()
+            for cls in type(widget).__mro__:
+                for signal, slot in CORE_SLOTS.get(cls.__name__, ()):
+                    with suppress(Exception):
+                        getattr(core.events, signal).disconnect(getattr(widget, slot))
+            count += 1
+    return count
 
 
 class _StageWidget(StageWidget):
@@ -96,14 +102,24 @@ class _StageWidget(StageWidget):
         super()._on_radiobutton_toggled(state)
 
 
+class _PresetsWidget(PresetsWidget):
+    """PresetsWidget that compares the presets once a property change has settled.
+
+    UniMMCore emits a Python device's propertyChanged before it caches the new value, so
+    the stock widget matched the presets against the old cache and switched the selector
+    back (Illumination set to TIRF, the selector showing EPI). Checking on the next turn
+    of the event loop sees the cached value.
+    """
+
+    def _on_property_changed(self, device: str, property: str, value: str) -> None:
+        if isalive(self):
+            check = super()._on_property_changed
+            QTimer.singleShot(0, self, lambda: check(device, property, value))
+
+
 def stage_widget(device: str, core: CMMCorePlus) -> StageWidget:
-    """pymmcore-widgets' stage control; with generated icons when iconify is unreachable."""
-    try:
-        return _StageWidget(device, mmcore=core)
-    except OSError as exc:
-        log.warning("stage icons unavailable (%s); using plain ones", exc)
-        with generated_icons():
-            return _StageWidget(device, mmcore=core)
+    """pymmcore-widgets' stage control (its arrow icons come through `icons.install`)."""
+    return _StageWidget(device, mmcore=core)
 
 
 class DevicePanel(QWidget):
@@ -111,13 +127,14 @@ class DevicePanel(QWidget):
 
     def __init__(self, core: CMMCorePlus, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        icons.install()
         self.snap_button = SnapButton(mmcore=core)
         self.live_button = LiveButton(mmcore=core)
         self.exposure = ExposureWidget(mmcore=core)
         groups = set(core.getAvailableConfigGroups())
-        self.illumination = PresetsWidget(ILLUMINATION_GROUP, mmcore=core)
+        self.illumination = _PresetsWidget(ILLUMINATION_GROUP, mmcore=core)
         self.objective = (
-            PresetsWidget(OBJECTIVE_GROUP, mmcore=core) if OBJECTIVE_GROUP in groups else None
+            _PresetsWidget(OBJECTIVE_GROUP, mmcore=core) if OBJECTIVE_GROUP in groups else None
         )
 
         buttons = QHBoxLayout()

@@ -17,6 +17,7 @@ for the processor within one deadline (`CLOSE_TIMEOUT_S`), naming what still run
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -57,7 +58,12 @@ from ctirf_live.gui.buffers import (
     describe_index,
     event_index,
 )
-from ctirf_live.gui.controls import CtirfMDAWidget, DevicePanel, run_folder_and_format
+from ctirf_live.gui.controls import (
+    CtirfMDAWidget,
+    DevicePanel,
+    disconnect_widgets,
+    run_folder_and_format,
+)
 from ctirf_live.gui.model_list import model_entries, search_folders
 from ctirf_live.gui.panes import ComparePane, ImagePane, ViewLink, format_age
 from ctirf_live.gui.stats import RunStats, stats_text, trust
@@ -72,6 +78,7 @@ BROWSE = "Browse..."
 POLICIES = ("preview", "record")
 COMPARE_MODES = ("side by side", "overlay", "blink")
 WARNING_STYLE = "background: #7a5a00; color: white; padding: 4px; border-radius: 3px;"
+DOCK_WIDTHS = (250, 420)  # px: microscope controls, MDA editor / properties
 TIMES_KEPT = 4096  # acquisition times remembered for the age of cTIRF frames
 
 ProcessorFactory = Callable[[str, str], Any]
@@ -166,10 +173,12 @@ class LiveWindow(QMainWindow):
         self.raw_pane = ImagePane(f"Raw ({EPI_PRESET})")
         self.ctirf_pane = ImagePane("cTIRF", cmap="magma")
         self.view_link = ViewLink([self.raw_pane, self.ctirf_pane])
+        self._index_slots: list[tuple[Any, Callable[..., None]]] = []
         for pane in (self.raw_pane, self.ctirf_pane):
-            pane.viewer.display_model.current_index.value_changed.connect(
-                lambda *_, p=pane: self._on_index_changed(p)
-            )
+            signal = pane.viewer.display_model.current_index.value_changed
+            slot = functools.partial(self._on_index_changed_signal, pane)
+            signal.connect(slot)
+            self._index_slots.append((signal, slot))
 
         self.model_combo = QComboBox()
         self.model_combo.setMinimumContentsLength(24)
@@ -239,7 +248,7 @@ class LiveWindow(QMainWindow):
 
         self.devices = DevicePanel(self.core)
         self.snap_button, self.live_button = self.devices.snap_button, self.devices.live_button
-        self._add_dock("Microscope", self.devices, Qt.DockWidgetArea.LeftDockWidgetArea)
+        left = self._add_dock("Microscope", self.devices, Qt.DockWidgetArea.LeftDockWidgetArea)
         from pymmcore_widgets import PropertyBrowser
 
         self.mda_widget = CtirfMDAWidget(self.core, self._run_from_editor)
@@ -248,7 +257,9 @@ class LiveWindow(QMainWindow):
         tabs.addTab(self.mda_widget, "MDA")
         tabs.addTab(self.property_browser, "Properties")
         self.side_tabs = tabs
-        self._add_dock("Acquisition", tabs, Qt.DockWidgetArea.RightDockWidgetArea)
+        right = self._add_dock("Acquisition", tabs, Qt.DockWidgetArea.RightDockWidgetArea)
+        # the images get the width: controls at about their natural size
+        self.resizeDocks([left, right], list(DOCK_WIDTHS), Qt.Orientation.Horizontal)
 
         self.statusBar().showMessage("ready")
         self.resize(1600, 900)
@@ -259,7 +270,7 @@ class LiveWindow(QMainWindow):
         self.follow_box.toggled.connect(self._on_follow_toggled)
         self.residual_box.toggled.connect(self._on_residual_toggled)
 
-    def _add_dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> None:
+    def _add_dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(title)
         dock.setWidget(widget)
@@ -268,6 +279,7 @@ class LiveWindow(QMainWindow):
             | QDockWidget.DockWidgetFeature.DockWidgetFloatable
         )
         self.addDockWidget(area, dock)
+        return dock
 
     def _fill_models(self) -> None:
         meta_path = self.processor.restorer.metadata.get("path")
@@ -313,6 +325,14 @@ class LiveWindow(QMainWindow):
             except (TypeError, ValueError, RuntimeError):
                 pass
 
+    def set_processor(self, processor: Any) -> None:
+        """Restore with `processor` from now on (what choosing a model does); the current
+        one is stopped first. Only between runs."""
+        if self._mode != "idle":
+            raise ValueError("stop the running acquisition before changing the model")
+        self._stop_processor(wait=True, timeout=CLOSE_TIMEOUT_S)
+        self._set_processor(processor)
+
     def _replace_processor(self, model: str, policy: str) -> bool:
         try:
             QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
@@ -323,8 +343,7 @@ class LiveWindow(QMainWindow):
             return False
         finally:
             QApplication.restoreOverrideCursor()
-        self._stop_processor(wait=True, timeout=CLOSE_TIMEOUT_S)
-        self._set_processor(new)
+        self.set_processor(new)
         self.statusBar().showMessage(f"model {Path(model).name}, policy {policy}", 5000)
         return True
 
@@ -396,6 +415,8 @@ class LiveWindow(QMainWindow):
     # -- displaying (GUI thread, 30 Hz) -----------------------------------------------
 
     def _render(self) -> None:
+        if self._closed:  # a timer event queued before shutdown
+            return
         self._start_snap_restores()
         raw_items, results = self._inbox.take()
         if self._mode == "live":
@@ -489,6 +510,9 @@ class LiveWindow(QMainWindow):
                     index["z"] = raw_z
             self.ctirf_pane.set_index(index)
         self._sync_xz()
+
+    def _on_index_changed_signal(self, pane: ImagePane, *args: Any) -> None:
+        self._on_index_changed(pane)
 
     def _on_index_changed(self, pane: ImagePane) -> None:
         """A slider moved: if the user did it, both panes now show the same position."""
@@ -614,6 +638,8 @@ class LiveWindow(QMainWindow):
     # -- run state, labels, statistics (GUI thread, 4 Hz) -----------------------------
 
     def _refresh_status(self) -> None:
+        if self._closed:
+            return
         streaming = self.core.isSequenceRunning() and not self.core.mda.is_running()
         if self._mode == "idle" and streaming:
             self._begin_live()
@@ -771,7 +797,6 @@ class LiveWindow(QMainWindow):
     def _start_snap_restores(self) -> None:
         while self._snapped:
             frame, preset, t = self._snapped.popleft()
-            self._inbox.put_raw(frame)
             channels = getattr(self.processor, "channels", (EPI_PRESET,))
             restorer = self.processor.restorer
             if preset is not None and preset not in channels:
@@ -789,6 +814,7 @@ class LiveWindow(QMainWindow):
                     daemon=True,
                 )
                 self._worker.start()
+            self._inbox.put_raw(frame)  # after _start_run, which empties the inbox
 
     def _restore_snap(self, restorer: Any, frame: np.ndarray, t: float) -> None:
         """Worker thread: cTIRF and the reconstructed EPI from one forward pass."""
@@ -949,7 +975,20 @@ class LiveWindow(QMainWindow):
                 signal.disconnect(slot)
             except (TypeError, ValueError, RuntimeError):
                 pass
+        for signal, slot in self._index_slots:
+            signal.disconnect(slot)
+        self._index_slots.clear()
         self._mode = "idle"
+        disconnect_widgets(self)
+        self._dispose_panes()
+
+    def _dispose_panes(self) -> None:
+        """Close every ndv canvas now, while its widgets exist (see ImagePane.dispose)."""
+        panes = [self.raw_pane, self.ctirf_pane, *self.xz_panes]
+        if self.compare_pane is not None:
+            self.compare_pane.dispose()
+        for pane in panes:
+            pane.dispose()
 
     def _stop_processor(self, wait: bool, timeout: float) -> bool:
         """Stop the processor within `timeout`; False when its worker is still busy."""

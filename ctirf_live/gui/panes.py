@@ -16,14 +16,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import wait
 from contextlib import suppress
 from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QRectF, Qt, QTimer
 from qtpy.QtGui import QPainter, QPaintEvent, QPen
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QApplication,
+    QHBoxLayout,
+    QLabel,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
+from ctirf_live.gui import icons
 from ctirf_live.gui.backend import choose_canvas_backend
 from ctirf_live.gui.buffers import PlaneBuffer
 
@@ -37,6 +46,7 @@ VIEWER_OPTIONS = {
 }
 SCALE_BAR_FRACTION = 0.2  # the bar spans about this share of the canvas width
 BLINK_INTERVAL_MS = 600
+DISPOSE_TIMEOUT_S = 2.0  # slice requests are in-memory reads: they end in milliseconds
 OVERLAY_CHANNELS = ("raw", "cTIRF", "residual")
 OVERLAY_CMAPS = ("green", "magenta", "red")
 
@@ -137,12 +147,14 @@ class ImagePane(QWidget):
         super().__init__(parent)
         import ndv
 
+        icons.install()
         choose_canvas_backend()
         self.visible_axes = visible_axes
         self.viewer = ndv.ArrayViewer(
             viewer_options=VIEWER_OPTIONS, default_lut={"cmap": cmap}
         )
         self.buffer: PlaneBuffer | None = None
+        self.disposed = False
         self.title = QLabel(f"<b>{title}</b>")
         self.info = QLabel("nothing yet")
         self.info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -162,6 +174,8 @@ class ImagePane(QWidget):
 
     def set_buffer(self, buffer: PlaneBuffer) -> None:
         """Show a new run's buffer (rebuilds the sliders)."""
+        if self.disposed:
+            return
         model = self.viewer.display_model
         model.current_index.clear()
         model.channel_axis = None
@@ -174,7 +188,7 @@ class ImagePane(QWidget):
 
     def refresh(self) -> None:
         """Redraw after planes were added to the buffer."""
-        wrapper = self.viewer.data_wrapper
+        wrapper = None if self.disposed else self.viewer.data_wrapper
         if wrapper is not None:
             wrapper.data_changed.emit()
 
@@ -224,17 +238,57 @@ class ImagePane(QWidget):
         return 100.0 / span if span > 0 and math.isfinite(span) else None
 
     def zoom(self, factor: float) -> None:
-        """Zoom about the view centre (a script's wheel turn)."""
+        """Zoom about the view centre by `factor` (> 1: closer), as a wheel turn does."""
         canvas = _canvas(self.viewer)
-        camera = _camera(self.viewer)
-        if canvas is None or camera is None:
+        if canvas is None or self.disposed or factor <= 0:
             return
-        with suppress(Exception):
-            x, y = (float(v) for v in camera.local.position[:2])
-            canvas.zoom(1.0 / factor, (x, y))
+        with suppress(Exception):  # no canvas geometry yet
+            widget = canvas.frontend_widget()
+            centre = canvas.canvas_to_world((widget.width() / 2, widget.height() / 2))
+            canvas.zoom(1.0 / factor, (float(centre[0]), float(centre[1])))
+            canvas.refresh()
 
     def update_scale_bar(self, pixel_size_um: float | None) -> None:
-        self.scale_bar.update_scale(pixel_size_um, self.screen_px_per_data_px())
+        if not self.disposed:
+            self.scale_bar.update_scale(pixel_size_um, self.screen_px_per_data_px())
+
+    # -- teardown ---------------------------------------------------------------------
+
+    def dispose(self, timeout: float = DISPOSE_TIMEOUT_S) -> None:
+        """Stop all drawing while the widgets still exist (idempotent).
+
+        Qt sends a close event only to the window being closed, so rendercanvas never
+        learns that a canvas inside it went away and keeps drawing into a deleted widget
+        ("QRenderWidget already deleted", then a crash in the next draw). Here: no more
+        slice requests (data detached), the ones in flight delivered now, then ndv's
+        canvases (image and histograms) closed, which stops their render scheduling.
+        """
+        if self.disposed:
+            return
+        self.disposed = True
+        viewer = self.viewer
+        with suppress(Exception):
+            viewer.data = None  # ndv stops requesting slices
+        _finish_requests(viewer, timeout)
+        with suppress(Exception):
+            viewer.close()
+        canvases = [_canvas(viewer), *getattr(viewer, "_histograms", {}).values()]
+        canvases.append(getattr(viewer, "_shared_histogram", None))
+        for canvas in canvases:
+            if canvas is not None:
+                with suppress(Exception):
+                    canvas.close()
+        self.buffer = None
+
+
+def _finish_requests(viewer: Any, timeout: float) -> None:
+    """Wait for ndv's slice requests in flight and run their (main-thread) callbacks,
+    so none arrives after the canvas is closed."""
+    futures = list(getattr(viewer, "_futures", {}))
+    with suppress(Exception):
+        wait(futures, timeout=timeout)
+    QApplication.sendPostedEvents()
+    QApplication.processEvents()
 
 
 def _same_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -262,6 +316,8 @@ class ViewLink:
 
     def sync(self) -> bool:
         """Propagate a pan/zoom made in one pane; True when something moved."""
+        if any(p.disposed for p in self.panes):
+            return False
         cameras = [_camera(p.viewer) for p in self.panes]
         if any(c is None for c in cameras):
             return False
@@ -330,6 +386,11 @@ class ComparePane(QWidget):
     def stop(self) -> None:
         self._blink.stop()
 
+    def dispose(self) -> None:
+        """Stop blinking and drawing (see `ImagePane.dispose`)."""
+        self._blink.stop()
+        self.pane.dispose()
+
     def _flip(self) -> None:
         shown = self.pane.index().get("c", 0)
         self.pane.set_index({"c": 1 - min(shown, 1)})
@@ -369,7 +430,7 @@ class ComparePane(QWidget):
     ) -> None:
         """Show these planes (any may be None: shown black)."""
         planes = [p for p in (raw, ctirf, residual) if p is not None]
-        if not planes:
+        if not planes or self.pane.disposed:
             return
         shape = tuple(np.shape(planes[0])[-2:])
         if self._shape != shape:
