@@ -6,10 +6,9 @@ also draws with Qt's `offscreen` platform (tests, screenshots, remote sessions).
 needs the adapter feature `float32-filterable` (its colormaps are float32 textures);
 Mesa's OpenGL path through wgpu lacks it. vispy draws through a QOpenGLWidget: fine on a
 desktop, but Qt's offscreen platform has no OpenGL context, so there it shows controls and
-an empty canvas. On lavapipe (a CPU adapter) pygfx crashed natively during z-stack runs
-(segfaults in the software renderer, not reproduced with vispy), so a CPU adapter is used
-only where vispy cannot draw at all (offscreen): screenshots; with a display, Mesa's
-OpenGL serves vispy. `NDV_CANVAS_BACKEND=pygfx|vispy` overrides the choice.
+an empty canvas. A CPU adapter (lavapipe) is used only where vispy cannot draw at all
+(offscreen: screenshots); with a display, Mesa's OpenGL serves vispy, and the window on
+lavapipe crashed natively during runs here (vispy crashed too, less often: open). `NDV_CANVAS_BACKEND=pygfx|vispy` overrides the choice.
 """
 
 from __future__ import annotations
