@@ -8,7 +8,8 @@ Mesa's OpenGL path through wgpu lacks it. vispy draws through a QOpenGLWidget: f
 desktop, but Qt's offscreen platform has no OpenGL context, so there it shows controls and
 an empty canvas. A CPU adapter (lavapipe) is used only where vispy cannot draw at all
 (offscreen: screenshots); with a display, Mesa's OpenGL serves vispy, and the window on
-lavapipe crashed natively during runs here (vispy crashed too, less often: open). `NDV_CANVAS_BACKEND=pygfx|vispy` overrides the choice.
+lavapipe crashed natively during runs here (vispy crashed too, less often: open).
+`NDV_CANVAS_BACKEND=pygfx|vispy` overrides the choice.
 """
 
 from __future__ import annotations
