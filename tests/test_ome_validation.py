@@ -3,6 +3,10 @@
 OME-TIFF: each file's OME-XML is validated against the OME schema (ome-types + lxml) and
 read back with ome-types: image sizes as tifffile reads them, pixel size as OME fields,
 and the TIFF resolution tags (what plain ImageJ and napari's tifffile reader use).
+The raw and cTIRF stores of a run and `process` outputs also carry what a microscopist
+expects: the objective (NA, immersion, magnification), each channel's AcquisitionMode
+(cTIRF: Other, explained in the ctirf annotation) and wavelengths, AcquisitionDate, and
+Plane DeltaT/positions; OME-Zarr stores the same facts in a `ctirf` attribute block.
 OME-Zarr: ome-zarr-py's Reader (what napari-ome-zarr uses) finds the raw and cTIRF
 images with the right axes and physical scale, and the cTIRF display range comes from
 the data. The README workflow test validates the files of that workflow the same way.
@@ -35,6 +39,37 @@ from ctirf_live.models.etnet import ET2dNet
 
 ROI = 64
 PIXEL_60X = 0.0975  # the demo rig's active objective at start-up
+
+
+RAW_MODES = {"EPI": "WideField", "TIRF": "TotalInternalReflection"}
+
+
+def check_acquisition(ome: ome_types.OME, modes: dict[str, str], what: str) -> None:
+    """The demo rig's 60X objective (NA 1.5, oil) linked from every image, each channel's
+    AcquisitionMode and wavelengths, an AcquisitionDate, and per channel Plane DeltaT
+    present and increasing over time (the runs are time-lapses)."""
+    objectives = {o.id: o for i in ome.instruments for o in i.objectives}
+    images = [i for i in ome.images if i.pixels.planes]
+    assert images, f"{what}: no image with Plane elements"
+    for image in ome.images:
+        assert image.acquisition_date is not None, what
+        assert image.instrument_ref is not None and image.objective_settings is not None, what
+        objective = objectives[image.objective_settings.id]
+        assert objective.lens_na == pytest.approx(1.5), what
+        assert objective.immersion.value == "Oil" and objective.nominal_magnification == 60
+        for channel in image.pixels.channels:
+            assert channel.acquisition_mode.value == modes[channel.name], (what, channel.name)
+            assert channel.emission_wavelength == pytest.approx(670.0), what
+            assert channel.excitation_wavelength == pytest.approx(638.0), what
+    for image in images:
+        for c in range(image.pixels.size_c):
+            planes = sorted((p for p in image.pixels.planes if p.the_c == c), key=lambda p: p.the_t)
+            times = [p.delta_t for p in planes]
+            assert len(times) == image.pixels.size_t * image.pixels.size_z, what
+            assert None not in times, what
+            per_t = [times[i] for i in range(0, len(times), image.pixels.size_z)]
+            assert per_t == sorted(per_t) and per_t[0] < per_t[-1], (what, times)
+            assert all(p.position_x is not None for p in planes), what
 
 
 def check_ome_tiff(path: Path, pixel_size_um: float, tiff_scale: bool = True) -> ome_types.OME:
@@ -143,6 +178,10 @@ def test_run_stores_are_valid_ome(runs, run: str) -> None:
             ome = check_ome_tiff(file, PIXEL_60X)
             if store == result.ctirf_path:
                 assert [c.name for c in ome.images[0].pixels.channels] == ["cTIRF EPI"]
+                check_acquisition(ome, {"cTIRF EPI": "Other"}, file.name)
+                assert "cTIRF" in _ctirf_json(ome)["acquisition"]["channels"][0]["name"]
+            else:
+                check_acquisition(ome, RAW_MODES, file.name)
 
 
 @pytest.mark.parametrize("run", ["stack-ome-tiff", "positions-ome-tiff"])
@@ -151,7 +190,16 @@ def test_process_outputs_are_valid_ome(runs, tiny2d, tmp_path: Path, run: str) -
     files = [path] if path.is_file() else sorted(path.glob("*.ome.tiff"))
     assert len(files) == (1 if run.startswith("stack") else 2)
     for file in files:
-        check_ome_tiff(file, PIXEL_60X)
+        ome = check_ome_tiff(file, PIXEL_60X)
+        assert [c.name for c in ome.images[0].pixels.channels] == ["cTIRF EPI"]
+        check_acquisition(ome, {"cTIRF EPI": "Other"}, file.name)
+
+
+def _ctirf_json(ome: ome_types.OME) -> dict:
+    import json
+
+    (ann,) = [a for a in ome.structured_annotations.map_annotations if a.namespace == "ctirf-live"]
+    return json.loads(dict((m.k, m.value) for m in ann.value.ms)["ctirf"])
 
 
 def test_a_repaired_raw_file_is_valid_ome(tmp_path: Path) -> None:
@@ -199,6 +247,26 @@ def test_zarr_stores_open_with_ome_zarr_with_axes_and_scale(runs, run: str) -> N
         low, high = ctirf.metadata["contrast_limits"][0]
         assert pixels.min() <= low < high <= pixels.max()  # from the data, not 0-65535
         assert ctirf.metadata["channel_names"] == ["cTIRF EPI"]
+        raw_facts = _zarr_attrs(result.raw_path / group)["ctirf"]
+        assert raw_facts["objective"]["lens_na"] == pytest.approx(1.5)
+        assert raw_facts["objective"]["immersion"] == "Oil"
+        expected = ["WideField", "TotalInternalReflection"] if multi else ["WideField"]
+        assert [c["acquisition_mode"] for c in raw_facts["channels"]] == expected
+        assert all(c["emission_wavelength_nm"] == 670.0 for c in raw_facts["channels"])
+    facts = _zarr_attrs(result.ctirf_path)["ctirf"]
+    (channel,) = facts["acquisition"]["channels"]
+    assert channel["name"] == "cTIRF EPI" and channel["acquisition_mode"] == "Other"
+    assert facts["acquisition"]["objective"]["lens_na"] == pytest.approx(1.5)
+    assert facts["acquisition"]["acquired"]
+    for planes in facts["planes"]:
+        times = [p["DeltaT"] for p in planes if p["TheZ"] == 0]
+        assert len(times) == 2 and times[0] < times[1]
+
+
+def _zarr_attrs(group: Path) -> dict:
+    import json
+
+    return json.loads((group / "zarr.json").read_text())["attributes"]
 
 
 def test_every_ome_tiff_of_a_run_folder_was_checked(runs) -> None:

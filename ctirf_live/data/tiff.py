@@ -13,7 +13,7 @@ import json
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,34 @@ from ctirf_live.atomic import atomic_write, atomic_write_json
 from ctirf_live.config import Optics
 
 __all__ = [
+    "OmeAcquisition",
     "SeriesLayout",
     "TiffInfo",
     "TiffSeries",
+    "acquisition_facts",
+    "acquisition_mode",
     "atomic_write_json",
+    "enrich_ome_xml",
+    "read_acquisition",
     "read_ome_layout",
     "read_ome_series",
     "read_ome_tiff",
     "write_ome_tiff",
+    "write_tiff_description",
 ]
 
 NAMESPACE = "ctirf-live"
 KEY = "ctirf"
+
+
+@dataclass
+class OmeAcquisition:
+    """How an OME image was acquired, as its OME-XML says; carried over to what is made
+    from it (`ctirf process` outputs)."""
+
+    optics: Optics | None = None  # from its Objective and first channel's wavelengths
+    acquired: datetime | None = None
+    planes: list[dict[str, str]] = field(default_factory=list)  # Plane attributes
 
 
 @dataclass
@@ -48,6 +64,7 @@ class TiffInfo:
     channel_names: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    acquisition: OmeAcquisition = field(default_factory=OmeAcquisition)
 
 
 @dataclass
@@ -73,13 +90,15 @@ def write_ome_tiff(
     modes: Sequence[str] | None = None,
     exposure_ms: float | None = None,
     acquired: datetime | None = None,
+    planes: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write `data` (axes such as 'YX', 'CYX', 'ZYX', 'TZCYX') as an OME-TIFF, atomically.
 
     With `optics`, the OME metadata a microscopist expects: the objective (NA,
     immersion, magnification) as an Instrument, each channel's emission/excitation
     wavelength, and per channel in `modes` (EPI, TIRF) its AcquisitionMode; `exposure_ms`
-    goes to every Plane, `acquired` to AcquisitionDate. The TIFF resolution tags carry
+    goes to every Plane, `acquired` to AcquisitionDate; `planes` (OME Plane attributes)
+    replace the Plane elements. The TIFF resolution tags carry
     the pixel size in micrometres, so plain ImageJ and tifffile readers show the scale.
     """
     path = Path(path)
@@ -100,10 +119,10 @@ def write_ome_tiff(
     if channel:
         ome["Channel"] = channel
     if exposure_ms is not None:
-        planes = int(np.prod([n for a, n in zip(axes, data.shape, strict=True) if a in "TZC"]))
+        n_planes = int(np.prod([n for a, n in zip(axes, data.shape, strict=True) if a in "TZC"]))
         ome["Plane"] = {
-            "ExposureTime": [float(exposure_ms)] * planes,
-            "ExposureTimeUnit": ["ms"] * planes,
+            "ExposureTime": [float(exposure_ms)] * n_planes,
+            "ExposureTimeUnit": ["ms"] * n_planes,
         }
     if acquired is not None:
         ome["AcquisitionDate"] = acquired.replace(tzinfo=None).isoformat(timespec="seconds")
@@ -121,8 +140,11 @@ def write_ome_tiff(
 
     def write(tmp: Path) -> None:
         tifffile.imwrite(tmp, data, ome=True, metadata=ome, photometric="minisblack", **extra)
-        if optics is not None:
-            tifffile.tiffcomment(tmp, _with_instrument(tifffile.tiffcomment(tmp), optics))
+        if optics is not None or planes:
+            xml = enrich_ome_xml(
+                tifffile.tiffcomment(tmp), optics, planes={0: planes} if planes else None
+            )
+            tifffile.tiffcomment(tmp, xml.encode())
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)
@@ -155,24 +177,239 @@ def _channel_fields(
     return out
 
 
-def _with_instrument(xml: str, optics: Optics) -> str:
-    """The OME-XML with an Instrument holding the objective, referenced by every Image."""
-    digits = "".join(c for c in optics.objective if c.isdigit())
+def acquisition_mode(channel: str) -> str | None:
+    """The OME AcquisitionMode of a channel named after its preset: EPI -> WideField,
+    TIRF -> TotalInternalReflection, a computed cTIRF channel -> Other (OME has no
+    computational mode; the `ctirf` annotation says what it is); None when unknown."""
+    name = channel.strip().upper()
+    if name.startswith("CTIRF"):
+        return CTIRF_MODE
+    return ACQUISITION_MODES.get(name)
+
+
+CTIRF_MODE = "Other"
+CTIRF_MODE_NOTE = (
+    "computational TIRF: a network's optical sectioning of the WideField frames of the "
+    "channel named after 'cTIRF' (e.g. EPI); OME has no computational AcquisitionMode"
+)
+OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+_XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+INSTRUMENT_ID, OBJECTIVE_ID = "Instrument:ctirf", "Objective:ctirf:0"
+# Image children that come before InstrumentRef in the OME schema
+_BEFORE_INSTRUMENT = {"AcquisitionDate", "ExperimenterRef", "Description", "ExperimentRef",
+                      "ExperimenterGroupRef", "DatasetRef"}
+
+
+def acquisition_facts(optics: Optics | None, channels: Sequence[str]) -> dict[str, Any]:
+    """What OME-XML says in its Instrument and Channels, as JSON for stores without OME-XML
+    (OME-Zarr attributes): the objective and each channel's acquisition mode and
+    wavelengths."""
+    facts: dict[str, Any] = {}
+    if optics is not None:
+        immersion = min(_IMMERSION, key=lambda n: abs(n - optics.immersion_index))
+        facts["objective"] = {
+            "model": optics.objective,
+            "lens_na": optics.na,
+            "immersion": _IMMERSION[immersion],
+            "immersion_index": optics.immersion_index,
+            "sample_index": optics.sample_index,
+        }
+        facts["optics"] = optics.model_dump()
+    facts["channels"] = [
+        {
+            "name": name,
+            "acquisition_mode": acquisition_mode(name),
+            **(
+                {
+                    "emission_wavelength_nm": optics.emission_wavelength_nm,
+                    "excitation_wavelength_nm": optics.excitation_wavelength_nm,
+                }
+                if optics is not None
+                else {}
+            ),
+            **({"mode_note": CTIRF_MODE_NOTE} if acquisition_mode(name) == CTIRF_MODE else {}),
+        }
+        for name in channels
+    ]
+    return facts
+
+
+def enrich_ome_xml(
+    xml: str,
+    optics: Optics | None = None,
+    *,
+    acquired: datetime | None = None,
+    planes: dict[int, list[dict[str, Any]]] | None = None,
+) -> str:
+    """The OME-XML with what a microscopist expects, keeping everything already there.
+
+    With `optics`: an Instrument holding the objective (NA, immersion, magnification)
+    referenced by every Image, and each channel's emission/excitation wavelength; every
+    channel named after a preset (EPI, TIRF, cTIRF ...) gets its AcquisitionMode.
+    `acquired` sets a missing AcquisitionDate; `planes` (image index -> Plane attributes,
+    `TheT`/`TheC`/`TheZ` included) replaces those images' Plane elements.
+    """
+    ET.register_namespace("", OME_NS)
+    ET.register_namespace("xsi", _XSI_NS)
+    root = ET.fromstring(xml)
+    ns = root.tag[1:].split("}")[0] if root.tag.startswith("{") else ""
+    q = (lambda tag: f"{{{ns}}}{tag}") if ns else (lambda tag: tag)
+    images = root.findall(q("Image"))
+    if optics is not None and images:
+        for old in [e for e in root.findall(q("Instrument")) if e.get("ID") == INSTRUMENT_ID]:
+            root.remove(old)
+        root.insert(list(root).index(images[0]), _instrument(optics, q))
+    for i, image in enumerate(images):
+        pixels = image.find(q("Pixels"))
+        if pixels is None:
+            continue
+        if acquired is not None and image.find(q("AcquisitionDate")) is None:
+            date = ET.Element(q("AcquisitionDate"))
+            date.text = _ome_date(acquired)
+            image.insert(0, date)
+        if optics is not None:
+            _refer_to_instrument(image, pixels, optics, q)
+        for channel in pixels.findall(q("Channel")):
+            mode = acquisition_mode(channel.get("Name", ""))
+            if mode:
+                channel.set("AcquisitionMode", mode)
+            if optics is not None:
+                channel.set("ExcitationWavelength", f"{float(optics.excitation_wavelength_nm):g}")
+                channel.set("ExcitationWavelengthUnit", "nm")
+                channel.set("EmissionWavelength", f"{float(optics.emission_wavelength_nm):g}")
+                channel.set("EmissionWavelengthUnit", "nm")
+        if planes and i in planes:
+            for old in pixels.findall(q("Plane")):
+                pixels.remove(old)
+            for attrs in planes[i]:
+                ET.SubElement(pixels, q("Plane"), {k: _xml_value(v) for k, v in attrs.items()})
+    return ET.tostring(root, encoding="unicode")
+
+
+def _ome_date(when: datetime) -> str:
+    """xsd:dateTime in UTC (`...Z`) for an aware datetime, as given for a naive one."""
+    if when.tzinfo is None:
+        return when.isoformat(timespec="seconds")
+    return when.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+def read_acquisition(xml: str, image: int, pixel_size_um: float | None) -> OmeAcquisition:
+    """The objective, wavelengths, AcquisitionDate and Plane elements of one OME image
+    (nothing for what it does not say: no Objective or emission wavelength, no optics)."""
+    root, ns, prefix = _ome_root(xml)
+    images = [] if root is None else root.findall(f"{prefix}Image", ns)
+    if root is None or image >= len(images):
+        return OmeAcquisition()
+    element = images[image]
+    pixels = element.find(f"{prefix}Pixels", ns)
+    out = OmeAcquisition()
+    date = element.find(f"{prefix}AcquisitionDate", ns)
+    if date is not None and date.text:
+        try:
+            out.acquired = datetime.fromisoformat(date.text.strip())
+        except ValueError:
+            pass
+    if pixels is None:
+        return out
+    out.planes = [dict(p.attrib) for p in pixels.findall(f"{prefix}Plane", ns)]
+    ref = element.find(f"{prefix}InstrumentRef", ns)
+    settings = element.find(f"{prefix}ObjectiveSettings", ns)
+    channel = pixels.find(f"{prefix}Channel", ns)
+    objective = None
+    for instrument in root.findall(f"{prefix}Instrument", ns):
+        if ref is not None and instrument.get("ID") == ref.get("ID"):
+            objective = instrument.find(f"{prefix}Objective", ns)
+    if objective is None or channel is None or not channel.get("EmissionWavelength"):
+        return out
+    try:
+        fields: dict[str, Any] = {
+            "objective": objective.get("Model") or objective.get("ID", ""),
+            "na": float(objective.get("LensNA", "")),
+            "emission_wavelength_nm": float(channel.get("EmissionWavelength", "")),
+        }
+        if channel.get("ExcitationWavelength"):
+            fields["excitation_wavelength_nm"] = float(channel.get("ExcitationWavelength", ""))
+        immersion = {v: k for k, v in _IMMERSION.items()}.get(objective.get("Immersion", ""))
+        if immersion:
+            fields["immersion_index"] = immersion
+        if settings is not None and settings.get("RefractiveIndex"):
+            fields["sample_index"] = float(settings.get("RefractiveIndex", ""))
+        if pixel_size_um:
+            fields["pixel_size_um"] = pixel_size_um
+        out.optics = Optics(**fields)
+    except (ValueError, TypeError):  # a malformed or out-of-range value: no optics
+        pass
+    return out
+
+
+def _xml_value(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _instrument(optics: Optics, q: Any) -> ET.Element:
+    digits = "".join(c for c in optics.objective if c.isdigit() or c == ".")
     immersion = min(_IMMERSION, key=lambda n: abs(n - optics.immersion_index))
-    magnification = f' NominalMagnification="{float(digits)}"' if digits else ""
-    instrument = (
-        '<Instrument ID="Instrument:0"><Objective ID="Objective:0:0" '
-        f'LensNA="{optics.na}" Immersion="{_IMMERSION[immersion]}"{magnification} '
-        f'Model="{optics.objective}"/></Instrument>'
+    instrument = ET.Element(q("Instrument"), ID=INSTRUMENT_ID)
+    objective = ET.SubElement(instrument, q("Objective"), ID=OBJECTIVE_ID,
+                              Model=optics.objective)
+    objective.set("Immersion", _IMMERSION[immersion])
+    objective.set("LensNA", f"{float(optics.na):g}")
+    if digits.strip("."):
+        objective.set("NominalMagnification", f"{float(digits.strip('.')):g}")
+    return instrument
+
+
+def _refer_to_instrument(image: ET.Element, pixels: ET.Element, optics: Optics, q: Any) -> None:
+    """InstrumentRef + ObjectiveSettings (with the sample's refractive index) in their
+    schema place: after AcquisitionDate/Description, before Pixels."""
+    for tag in ("InstrumentRef", "ObjectiveSettings"):
+        for old in image.findall(q(tag)):
+            image.remove(old)
+    at = next(
+        (k for k, e in enumerate(image) if e.tag.split("}")[-1] not in _BEFORE_INSTRUMENT),
+        list(image).index(pixels),
     )
-    refs = (
-        '<InstrumentRef ID="Instrument:0"/><ObjectiveSettings ID="Objective:0:0" '
-        f'RefractiveIndex="{optics.sample_index}"/><Pixels '
-    )
-    head, sep, rest = xml.partition("<Image ")
-    if not sep:
-        return xml
-    return head + instrument + sep + rest.replace("<Pixels ", refs)
+    settings = ET.Element(q("ObjectiveSettings"), ID=OBJECTIVE_ID,
+                          RefractiveIndex=f"{float(optics.sample_index):g}")
+    image.insert(at, settings)
+    image.insert(at, ET.Element(q("InstrumentRef"), ID=INSTRUMENT_ID))
+
+
+def write_tiff_description(path: str | Path, description: str) -> None:
+    """Replace the first page's ImageDescription (the OME-XML) of a TIFF, crash-safe.
+
+    The new text is appended at the end of the file and synced before the one IFD entry
+    that points to it is rewritten, so at every moment the file holds either the old or
+    the new description, and no pixel byte is ever written. (`tifffile.tiffcomment`
+    moves the pointer before writing the text, and overwrites the text in place when it
+    is the file's last item.) Raises ValueError/OSError when it cannot.
+    """
+    import os
+    import struct
+
+    data = description.encode("utf-8") + b"\x00"
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages.first.tags.get("ImageDescription")
+        if tag is None:
+            raise ValueError(f"{Path(path).name} has no ImageDescription to replace")
+        tiff = tif.tiff
+        entry = tag.offset + 4  # after the tag code and type
+        if len(data) <= tiff.tagoffsetthreshold:
+            raise ValueError("description too short to be OME-XML")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        start = end + (end % 2)  # values begin on a word boundary
+        os.pwrite(fd, b"\x00" * (start - end) + data, end)
+        os.fsync(fd)
+        os.pwrite(
+            fd,
+            struct.pack(tiff.tagformat2, len(data), struct.pack(tiff.offsetformat, start)),
+            entry,
+        )
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_ome_tiff(path: str | Path) -> tuple[np.ndarray, TiffInfo]:
@@ -202,6 +439,7 @@ def read_ome_series(path: str | Path, *, first_only: bool = False) -> list[TiffS
                 info = TiffInfo(axes=series.axes, name=series.name or "")
                 if i < len(images):
                     _fill_info(images[i], info)
+                    info.acquisition = read_acquisition(xml, i, info.pixel_size_um)
                 if xml:
                     info.metadata = _ctirf_json(xml)
                 file = Path(series.keyframe.parent.filehandle.path)
@@ -237,6 +475,7 @@ def read_ome_layout(path: str | Path) -> list[SeriesLayout]:
                 info = TiffInfo(axes=series.axes, name=series.name or "")
                 if i < len(images):
                     _fill_info(images[i], info)
+                    info.acquisition = read_acquisition(xml, i, info.pixel_size_um)
                 if xml:
                     info.metadata = _ctirf_json(xml)
                 file = Path(series.keyframe.parent.filehandle.path)

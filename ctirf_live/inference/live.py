@@ -167,6 +167,7 @@ class LiveProcessor:
         self._expected_shape: tuple[int, int] | None = None
         self._planes_cache: dict[int, int] = {}
         self._sequence: Any = None
+        self._plane_facts: list[tuple[dict[str, int], dict[str, float]]] = []
         self._warmed: set[tuple[int, int]] = set()
         self._writer_open = False
         self._stats_dirty = False
@@ -328,6 +329,7 @@ class LiveProcessor:
         self._sequence = sequence
         self._planes_cache.clear()
         self._assembler.clear()
+        self._plane_facts = []  # a new list: the previous run's goes with its FINISH marker
         self._enqueue_marker(START, sequence=sequence, shape=shape, pixel_size_um=pixel)
 
     def frameReady(
@@ -337,6 +339,7 @@ class LiveProcessor:
         t = time.perf_counter()
         try:
             self._file_frame(frame, event, t)
+            self._note_plane(event, meta)
         except Exception as exc:  # the relay thread must never see an exception
             self._error(f"could not queue a frame: {exc}")
 
@@ -346,7 +349,24 @@ class LiveProcessor:
         if dropped:
             self._count("skipped", dropped)
             log.warning("%d plane(s) of incomplete z-stacks were not processed", dropped)
-        self._enqueue_marker(FINISH)
+        self._enqueue_marker(FINISH, planes=self._plane_facts)
+
+    def _note_plane(self, event: Any, meta: Mapping[str, Any] | None) -> None:
+        """Keep each processed channel's frame time, exposure and stage position (from
+        pymmcore-plus's frame metadata) for the result store's OME Plane elements."""
+        if event is None or not meta or not self._wants(event):
+            return
+        facts: dict[str, float] = {}
+        if isinstance(meta.get("runner_time_ms"), int | float):
+            facts["delta_t_s"] = float(meta["runner_time_ms"]) / 1000.0
+        if isinstance(meta.get("exposure_ms"), int | float):
+            facts["exposure_ms"] = float(meta["exposure_ms"])
+        position = meta.get("position") or {}
+        for axis in ("x", "y", "z"):
+            if isinstance(position.get(axis), int | float):
+                facts[axis] = float(position[axis])
+        if facts:
+            self._plane_facts.append((dict(getattr(event, "index", None) or {}), facts))
 
     # -- continuous live streaming -----------------------------------------------------
 
@@ -587,7 +607,7 @@ class LiveProcessor:
                     self._error(f"model warm-up failed: {_describe(exc)}", 0)
             self._open_writer(marker.payload.get("sequence"), shape, marker.payload)
         elif marker.kind == FINISH:
-            self._close_writer()
+            self._close_writer(marker.payload.get("planes"))
             self._emit_stats(force=True)
         elif marker.kind == STOP:
             self._close_writer()
@@ -611,11 +631,13 @@ class LiveProcessor:
         except Exception as exc:
             self._error(f"cTIRF results are not being saved: {_describe(exc)}", 0)
 
-    def _close_writer(self) -> None:
+    def _close_writer(self, planes: Sequence[Any] | None = None) -> None:
         if self._writer_open and self.result_writer is not None:
             self._writer_open = False
             try:
                 self._record_consistency(self.result_writer)
+                if planes and callable(getattr(self.result_writer, "note_planes", None)):
+                    self.result_writer.note_planes(planes)
                 self.result_writer.close()
             except Exception as exc:
                 self._error(f"could not close the cTIRF store: {_describe(exc)}", 0)

@@ -123,6 +123,7 @@ class _Job:
     data: np.ndarray
     axes: str
     channels: list[str]
+    source_channels: list[int] | None = None  # indices kept (None: every one)
 
 
 def read_sources(source: str | Path) -> list[TiffSeries]:
@@ -160,7 +161,7 @@ def select_channels(series: TiffSeries, wanted: Sequence[str]) -> _Job:
         )
     if "C" in axes:
         data = np.take(data, keep, axis=axes.index("C"))
-    return _Job(series, data, axes, [ctirf_channel_name(names[i]) for i in keep])
+    return _Job(series, data, axes, [ctirf_channel_name(names[i]) for i in keep], keep)
 
 
 def _planes(job: _Job, dims: int) -> int:
@@ -282,6 +283,7 @@ def _write(
         },
     }
     name = info.name if position is not None and info.name else f"cTIRF of {source.name}"
+    acquisition = info.acquisition
     return write_ome_tiff(
         file,
         result,
@@ -291,4 +293,24 @@ def _write(
         channel_names=job.channels or None,
         metadata=metadata,
         name=name,
+        optics=acquisition.optics,
+        acquired=acquisition.acquired,
+        planes=_kept_planes(acquisition.planes, job.source_channels),
     )
+
+
+def _kept_planes(
+    planes: list[dict[str, str]], keep: list[int] | None
+) -> list[dict[str, str]] | None:
+    """The source's Plane elements (time, exposure, stage position) of the channels
+    restored, renumbered as the output's channels; None when it had none."""
+    if not planes:
+        return None
+    if keep is None:
+        return planes
+    out = []
+    for plane in planes:
+        c = int(plane.get("TheC", 0))
+        if c in keep:
+            out.append({**plane, "TheC": str(keep.index(c))})
+    return out or None

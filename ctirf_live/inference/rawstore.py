@@ -28,8 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ctirf_live.config import Optics
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 REPAIRED = ".repaired.ome.tiff"
@@ -86,6 +90,57 @@ def set_tiff_resolution(path: str | Path, pixel_size_um: float) -> str | None:
                             tag.overwrite(value)
         except (tifffile.TiffFileError, OSError, ValueError) as exc:
             return f"{file.name}: pixel size not written to its TIFF resolution tags ({exc})"
+    return None
+
+
+def enrich_raw_tiff(path: str | Path, optics: Optics) -> str | None:
+    """Add the objective, each channel's AcquisitionMode (EPI: WideField, TIRF:
+    TotalInternalReflection) and wavelengths to a closed raw OME-TIFF's OME-XML (file or
+    folder), keeping what ome-writers wrote (AcquisitionDate, Plane DeltaT, positions).
+
+    Only the description is replaced (`write_tiff_description`: crash-safe, pixels never
+    written); the file is read back, and when it does not show the new description with
+    the same series the old one is put back. Returns a warning, never raises.
+    """
+    import tifffile
+
+    from ctirf_live.data.tiff import enrich_ome_xml, write_tiff_description
+
+    for file in tiff_files(Path(path)):
+        old = ""
+        try:
+            with tifffile.TiffFile(file) as tif:
+                old = tif.pages.first.description
+                shapes = [s.shape for s in tif.series]
+            new = enrich_ome_xml(old, optics)
+            write_tiff_description(file, new)
+            with tifffile.TiffFile(file) as tif:
+                ok = tif.pages.first.description == new and [s.shape for s in tif.series] == shapes
+            if not ok:
+                write_tiff_description(file, old)
+                return f"{file.name}: the objective could not be added to its OME metadata"
+        except (tifffile.TiffFileError, ET.ParseError, OSError, ValueError) as exc:
+            return f"{file.name}: objective and channel modes not added to its OME-XML ({exc})"
+    return None
+
+
+def enrich_raw_zarr(path: str | Path, optics: Optics) -> str | None:
+    """The same facts for a raw OME-Zarr store (NGFF has no Instrument): a `ctirf` block
+    (objective, channel modes, wavelengths) beside `ome` in each image's attributes,
+    the omero channel labels kept. Returns a warning, never raises."""
+    from ctirf_live.data.tiff import KEY, acquisition_facts, atomic_write_json
+
+    try:
+        for meta in sorted(Path(path).rglob("zarr.json")):
+            doc = json.loads(meta.read_text())
+            attrs = doc.get("attributes", {})
+            if "multiscales" not in attrs.get("ome", {}):
+                continue
+            labels = [c.get("label", "") for c in attrs["ome"].get("omero", {}).get("channels", [])]
+            attrs.setdefault(KEY, {}).update(kind="raw", **acquisition_facts(optics, labels))
+            atomic_write_json(meta, doc)
+    except (OSError, ValueError) as exc:
+        return f"{Path(path).name}: objective and channel modes not added to its attributes ({exc})"
     return None
 
 

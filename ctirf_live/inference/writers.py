@@ -33,12 +33,22 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from ctirf_live.data.tiff import KEY, NAMESPACE, atomic_write_json, read_ome_tiff
+from ctirf_live.config import Optics
+from ctirf_live.data.tiff import (
+    KEY,
+    NAMESPACE,
+    acquisition_facts,
+    atomic_write_json,
+    enrich_ome_xml,
+    read_ome_tiff,
+    write_tiff_description,
+)
 from ctirf_live.inference.encoding import Encoding, check_tiff_dtype, decode, encoding_of
 from ctirf_live.inference.naming import (
     ctirf_channel_name,
@@ -274,6 +284,10 @@ class _BaseResultWriter:
         self._done: list[np.ndarray] = []
         self._meta: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}  # recorded with the store's metadata on close
+        # the rig's optics (objective, wavelengths) for the OME metadata; default the model's
+        self.optics: Optics | None = None
+        self.acquired: datetime | None = None  # set by open: AcquisitionDate
+        self._planes: list[list[dict[str, Any]]] = []
 
     def _layout(
         self,
@@ -291,7 +305,63 @@ class _BaseResultWriter:
         )
         self._done = [np.zeros(self.layout.planes, bool) for _ in range(self.layout.positions)]
         self.frames_written = 0
+        self.acquired = datetime.now(timezone.utc)
+        self._planes = [[] for _ in range(self.layout.positions)]
         return self.layout
+
+    def _optics(self, metadata: Mapping[str, Any] | None) -> Optics | None:
+        """The optics for the OME metadata: the caller's, else the model's (`metadata`
+        is `Restorer.describe()`) at the store's pixel size."""
+        if self.optics is not None:
+            return self.optics
+        try:
+            optics = Optics(**(metadata or {})["optics"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if self.layout is not None and self.layout.pixel_size_um:
+            optics = optics.model_copy(update={"pixel_size_um": self.layout.pixel_size_um})
+        return optics
+
+    def _acquisition(self, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Objective, channel modes and wavelengths, and the acquisition date, as JSON."""
+        assert self.layout is not None and self.acquired is not None
+        names = [ctirf_channel_name(n) for n in self.layout.channel_names] or ["cTIRF"]
+        return {
+            "acquired": self.acquired.isoformat(timespec="seconds"),
+            **acquisition_facts(self._optics(metadata), names),
+        }
+
+    def note_planes(self, planes: Sequence[tuple[Mapping[str, int], Mapping[str, float]]]) -> None:
+        """Record each acquired frame's time (s since the run started), exposure (ms) and
+        stage position (um), by event index, as OME Plane attributes written on close
+        (OME-Zarr: in the `ctirf` attributes); frames of channels not stored are left out."""
+        if self.layout is None:
+            return
+        layout = self.layout
+        for index, facts in planes:
+            try:
+                pos = layout.position(index)
+            except IndexError:
+                continue
+            c = int(index.get("c", 0))
+            if "c" in layout.axes:
+                if c not in layout.channel_index:
+                    continue
+                c = layout.channel_index[c]
+            plane: dict[str, Any] = {
+                "TheZ": int(index.get("z", 0)), "TheT": int(index.get("t", 0)), "TheC": c,
+            }
+            if "delta_t_s" in facts:
+                plane.update(DeltaT=float(facts["delta_t_s"]), DeltaTUnit="s")
+            if "exposure_ms" in facts:
+                plane.update(ExposureTime=float(facts["exposure_ms"]), ExposureTimeUnit="ms")
+            for axis in ("x", "y", "z"):
+                if axis in facts:
+                    plane[f"Position{axis.upper()}"] = float(facts[axis])
+                    plane[f"Position{axis.upper()}Unit"] = "µm"
+            self._planes[pos].append(plane)
+        for found in self._planes:
+            found.sort(key=lambda p: (p["TheT"], p["TheC"], p["TheZ"]))
 
     def _mark(self, pos: int, idx: tuple[int, ...]) -> None:
         assert self.layout is not None
@@ -367,6 +437,8 @@ class OmeTiffResultWriter(_BaseResultWriter):
         self.path, self.files = position_files(self.requested, layout.positions)
         self.files[0].parent.mkdir(parents=True, exist_ok=True)
         self._meta = _store_metadata(layout, sequence, metadata, self.encoding)
+        self._meta["acquisition"] = self._acquisition(metadata)
+        optics = self._optics(metadata)
         nbytes = layout.planes * int(np.prod(layout.frame_shape)) * self.bytes_per_pixel
         for i, file in enumerate(self.files):
             meta = {**self._meta, "position": i, "processed": "pending"}
@@ -390,6 +462,9 @@ class OmeTiffResultWriter(_BaseResultWriter):
                 **scale,
             )
             self._offsets.append(int(offset))
+            with tifffile.TiffFile(file) as tif:
+                xml = tif.pages.first.description
+            write_tiff_description(file, enrich_ome_xml(xml, optics, acquired=self.acquired))
             self._fds.append(os.open(file, os.O_RDWR))
 
     def targets(self) -> list[Path]:
@@ -438,7 +513,8 @@ class OmeTiffResultWriter(_BaseResultWriter):
                 os.close(fd)
         if fds:
             for i, file in enumerate(self.files):
-                _replace_annotation(file, {**self._final_meta(i), "position": i})
+                planes = self._planes[i] if i < len(self._planes) else []
+                _replace_annotation(file, {**self._final_meta(i), "position": i}, planes)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -448,8 +524,11 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _replace_annotation(file: Path, meta: Mapping[str, Any]) -> None:
-    """Rewrite the ctirf JSON in a TIFF's OME-XML (tifffile rewrites the description tag)."""
+def _replace_annotation(
+    file: Path, meta: Mapping[str, Any], planes: list[dict[str, Any]] | None = None
+) -> None:
+    """Rewrite the ctirf JSON in a TIFF's OME-XML and, when known, its image's Plane
+    elements (the description is replaced crash-safely, see `write_tiff_description`)."""
     import tifffile
 
     with tifffile.TiffFile(file) as tif:
@@ -460,7 +539,8 @@ def _replace_annotation(file: Path, meta: Mapping[str, Any]) -> None:
     for value in root.iter(f"{{{OME_NS}}}M"):
         if value.get("K") == KEY:
             value.text = json.dumps(meta, default=str)
-    tifffile.tiffcomment(file, ET.tostring(root, encoding="utf-8", xml_declaration=True))
+    xml = ET.tostring(root, encoding="unicode")
+    write_tiff_description(file, enrich_ome_xml(xml, planes={0: planes}) if planes else xml)
 
 
 class OmeZarrResultWriter(_BaseResultWriter):
@@ -490,6 +570,7 @@ class OmeZarrResultWriter(_BaseResultWriter):
         layout = self._layout(sequence, frame_shape, channels, pixel_size_um)
         image = self._image_model(layout)
         meta = self._meta = _store_metadata(layout, sequence, metadata, self.encoding)
+        meta["acquisition"] = self._acquisition(metadata)
         spec = (layout.shape, self.encoding.dtype)
         chunks = (*(1 for _ in layout.sizes), *layout.frame_shape)
         common = dict(chunks=chunks, writer="tensorstore", overwrite=True, compression="none")
@@ -615,7 +696,7 @@ class OmeZarrResultWriter(_BaseResultWriter):
             self._arrays = []
             if self._windows:
                 self._set_windows()
-            self._set_attributes(self._final_meta())
+            self._set_attributes({**self._final_meta(), "planes": self._planes})
 
 
 def make_result_writer(
