@@ -398,9 +398,8 @@ def _record_consistency(result: Any) -> None:
 
 
 def _report_training(result: Any) -> None:
-    """Print where the best checkpoint is and its validation metrics."""
-    for note in result.notes:
-        console.print(note, highlight=False, soft_wrap=True)
+    """Print where the best checkpoint is and its validation metrics (the run's notes, e.g.
+    "PSF switched", were printed by the trainer when they arose)."""
     best = [h for h in result.history if h.get("best")]
     if not best:
         console.print(f"no epoch finished; run folder {result.last_path.parent}", soft_wrap=True)
@@ -581,12 +580,12 @@ def distill(
             data = stacks_from_files(files, planes)
     else:
         names = _family_names(families)
-        bar, update = _progress(f"simulating {synthetic} stacks of {planes} planes")
+        bar, update = _progress(f"simulating {synthetic} stacks of {planes} planes", "stacks")
         with bar:
             data = synthetic_stacks(
-                synthetic or 0, objective, seed, size, planes, z_step, families=names
+                synthetic or 0, objective, seed, size, planes, z_step, families=names,
+                progress=update,
             )
-            update(1, 1)
     base = distill_settings(seed=seed)
     if batch_size is None:
         batch_size = base.batch_size

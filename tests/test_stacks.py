@@ -10,7 +10,9 @@ from ctirf_live.data.tiff import write_ome_tiff
 
 
 def test_simulated_stacks_start_inside_cells_with_a_sectioned_truth() -> None:
-    data = synthetic_stacks(2, size=64, seed=3, planes=3)
+    reported: list[tuple[int, int]] = []
+    data = synthetic_stacks(2, size=64, seed=3, planes=3, progress=lambda *a: reported.append(a))
+    assert reported == [(1, 2), (2, 2)]  # one progress step per stack
     assert len(data) == 2 and data.planes == 3 and data.z_step_um == pytest.approx(0.2)
     for s in data.stacks:
         assert s.epi.shape == s.truth.shape == (3, 64, 64)

@@ -11,7 +11,7 @@ OME-TIFFs as `ctirf acquire` or `ctirf process` write them (T/P/C/Z/Y/X), EPI ch
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,11 +81,13 @@ def synthetic_stacks(
     z_step_um: float = Z_STEP_UM,
     families: Sequence[str] = ("factin",),
     exposure_ms: tuple[float, float] = (10.0, 100.0),
+    progress: Callable[[int, int], None] | None = None,
 ) -> StackSet:
     """`n` simulated EPI stacks of distinct cell fields, with their sectioned ground truth.
 
     Each stack starts at a height drawn from `STACK_START_UM` (on the z grid) and climbs
     `planes` planes `z_step_um` apart; the exposure is log-uniform in `exposure_ms` per stack.
+    `progress(done, total)` is called after each stack (simulating one takes seconds).
     """
     from ctirf_live.data.loaders import simulated_fields
     from ctirf_live.sim.scope import SENSOR_SHAPE
@@ -114,6 +116,8 @@ def synthetic_stacks(
         x, y = scope.xy_um
         stacks.append(Stack(epi, f"sim:{scope.family}:{x:.1f},{y:.1f}", truth, start))
         scope.clear_cache()
+        if progress is not None:
+            progress(len(stacks), n)
     optics = fields[0][0].optics.model_copy(update={"z_step_um": z_step_um})
     names = "+".join(dict.fromkeys(families))
     return StackSet(stacks, optics, z_step_um, f"synthetic stacks {n} ({objective}, {names})")

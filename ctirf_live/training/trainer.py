@@ -95,7 +95,7 @@ class TrainResult:
     best_val_loss: float
     history: list[dict[str, Any]]
     last_path: Path
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # each shown on the console when it arose
     consistency: dict[str, Any] = field(default_factory=dict)  # the monitor's calibration
 
 
@@ -668,6 +668,7 @@ class _Run:
                     f"{self.out} already holds the finished run ({done} epochs); "
                     "start over with --no-resume (resume=False)"
                 )
+                console.print(notes[-1], highlight=False)
                 return self._result(notes)
             notes.append(f"resumed {self.out} after epoch {done}")
             console.print(notes[-1], highlight=False)
