@@ -4,9 +4,9 @@ CPython collects on whichever thread happens to cross the allocation threshold. 
 live window that is mostly another thread: during one run of tests/test_live_window.py
 about 22,000 objects were collected off the main thread (generation 2 on the MDA thread;
 the cTIRF worker, ndv's slice-request pool, pymmcore-widgets' snap worker). A collection
-there finalizes unreachable Qt wrappers (ndv and vispy objects live in reference cycles) and deletes their
-C++ objects on that thread, which Qt does not allow: a native crash at some later, unrelated
-point of the event loop. So while a window is open automatic collection is off and a timer
+there finalizes unreachable Qt wrappers (ndv and vispy objects live in reference cycles)
+and deletes their C++ objects on that thread, which Qt does not allow: a native crash at
+some later, unrelated point of the event loop. So while a window is open automatic collection is off and a timer
 on the GUI thread runs the same generational collections at the same thresholds.
 """
 
