@@ -6,8 +6,9 @@ about 22,000 objects were collected off the main thread (generation 2 on the MDA
 the cTIRF worker, ndv's slice-request pool, pymmcore-widgets' snap worker). A collection
 there finalizes unreachable Qt wrappers (ndv and vispy objects live in reference cycles)
 and deletes their C++ objects on that thread, which Qt does not allow: a native crash at
-some later, unrelated point of the event loop. So while a window is open automatic collection is off and a timer
-on the GUI thread runs the same generational collections at the same thresholds.
+some later, unrelated point of the event loop. So while a window is open automatic
+collection is off and a timer on the GUI thread runs the same generational collections
+at the same thresholds.
 """
 
 from __future__ import annotations
