@@ -50,6 +50,7 @@ from qtpy.QtWidgets import (
 
 from ctirf_live.acquisition.core import RigInfo, active_optics
 from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP
+from ctirf_live.gui import collector
 from ctirf_live.gui.buffers import (
     Inbox,
     PlaneBuffer,
@@ -111,6 +112,7 @@ class LiveWindow(QMainWindow):
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
+        collector.acquire()  # garbage collected on this thread only (see gui/collector.py)
         self.core = core
         self.rig = rig
         self.processor: Any = None
@@ -981,6 +983,7 @@ class LiveWindow(QMainWindow):
         self._mode = "idle"
         disconnect_widgets(self)
         self._dispose_panes()
+        collector.release()
 
     def _dispose_panes(self) -> None:
         """Close every ndv canvas now, while its widgets exist (see ImagePane.dispose)."""
