@@ -42,10 +42,11 @@ from ctirf_live.models.etnet import ET2dNet, ET3dNet
 
 os.environ.setdefault("NDV_CANVAS_BACKEND", "vispy")
 
-# Open problem: a session running these still segfaults at times inside the Qt event loop
-# (with vispy too, at unrelated Python lines, which points at a garbage collection
-# finalizing Qt wrappers; the close/hang/CLI tests passed once with gc disabled, not yet
-# proof). Until that is fixed they run only on request.
+# Segfaults inside the Qt event loop: Python's garbage collector ran on the MDA, cTIRF,
+# ndv-pool and snap threads (measured), finalizing Qt wrappers there; a window now collects
+# on the GUI thread only (gui/collector.py; then 0 collections off it, no crash in 2 runs).
+# Opt-in until this file passes 3 times in a row: the close-mid-MDA test still finds one
+# raw frame fewer on disk than the processor counted (a cancel race, not a crash).
 pytestmark = pytest.mark.skipif(
     not os.environ.get("CTIRF_GUI_TESTS"),
     reason="window tests can segfault during garbage collection (open); CTIRF_GUI_TESTS=1",
@@ -461,4 +462,4 @@ def test_cli_live_opens_the_window_and_exits_0(qtbot, restorer, tmp_path) -> Non
     assert result.exit_code == 0, result.output
     assert seen == [(str(model), 3, str(tmp_path))]
     after = [w for w in QApplication.topLevelWidgets() if isinstance(w, LiveWindow) and isalive(w)]
-    assert after == before  # the CLI's window is gone
+    assert after == [w for w in before if isalive(w)]  # the CLI's window is gone
