@@ -778,7 +778,8 @@ def acquire(
     report, _ = _progress("acquiring", unit="frames")
     with _torch_threads(threads), open_core(config) as core:
         rig = check_rig(core, config)
-        check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
+        optics = select_objective(core, rig, objective)
+        check_model_optics(restorer.optics, optics, rig)
 
         with report:
             result = run_acquire(
@@ -786,6 +787,7 @@ def acquire(
                 seq,
                 restorer,
                 out,
+                optics=optics,
                 policy=policy,
                 fmt=fmt,  # type: ignore[arg-type]
                 channels=tuple(c.strip() for c in channels.split(",") if c.strip()),
