@@ -54,7 +54,12 @@ import numpy as np
 from ctirf_live.atomic import atomic_write_json
 from ctirf_live.data.normalize import percentile_scale
 from ctirf_live.data.tiff import KEY, SeriesLayout, TiffInfo, TiffSeries, read_ome_layout
-from ctirf_live.inference.process import TIFF_SUFFIXES, check_axes, select_channels
+from ctirf_live.inference.process import (
+    TIFF_SUFFIXES,
+    check_axes,
+    check_finite,
+    select_channels,
+)
 from ctirf_live.inference.restorer import EDGE_PAD, Restorer, pixel_size_warning
 
 INSTALL_HINT = "pip install 'ctirf-live[dask]'"
@@ -296,15 +301,6 @@ def _meta(data: Any, dtype: Any = np.float32) -> np.ndarray:
     return np.empty((0,) * data.ndim, dtype)
 
 
-def _finite(out: np.ndarray, where: str) -> np.ndarray:
-    if not np.isfinite(out).all():
-        raise ValueError(
-            f"the model returned NaN or infinite values ({where}); the checkpoint may be "
-            "broken: choose another --model; nothing was written"
-        )
-    return out
-
-
 def _frame_scale(frame: np.ndarray, percentile: float) -> np.ndarray:
     return np.full((1,) * frame.ndim, percentile_scale(frame, percentile))
 
@@ -314,7 +310,7 @@ def _restore_frames(frames: np.ndarray, spec: ModelSpec) -> np.ndarray:
     restorer, lock = worker_restorer(spec)
     with lock:
         out = restorer.restore(frames.reshape(frames.shape[-2:]))
-    return _finite(out, "a frame").reshape(frames.shape).astype(np.float32, copy=False)
+    return check_finite(out, "a frame").reshape(frames.shape).astype(np.float32, copy=False)
 
 
 def _restore_block(
@@ -342,7 +338,7 @@ def _restore_block(
     with lock:
         res = restorer.restore_normalised(padded)
     res = res[pad[0][0] : res.shape[0] - pad[0][1], pad[1][0] : res.shape[1] - pad[1][1]]
-    _finite(res, f"block {iy},{ix} of a frame")
+    check_finite(res, f"block {iy},{ix} of a frame")
     w = np.outer(
         _ramp_weights(y0, y1, cy0, cy1, ny, seam), _ramp_weights(x0, x1, cx0, cx1, nx, seam)
     )
@@ -439,7 +435,7 @@ def _restore_stacks(stacks: np.ndarray, spec: ModelSpec, z: int) -> np.ndarray:
     restorer, lock = worker_restorer(spec)
     stack = np.moveaxis(stacks, z, -3).reshape(stacks.shape[z], *stacks.shape[-2:])
     with lock:
-        out = _finite(restorer.restore(stack), "a stack")
+        out = check_finite(restorer.restore(stack), "a stack")
     return np.moveaxis(out.reshape(np.moveaxis(stacks, z, -3).shape), -3, z).astype(np.float32)
 
 

@@ -44,10 +44,11 @@ def _planes_2d(data: np.ndarray) -> np.ndarray:
     return data.reshape((-1, *data.shape[-2:]))
 
 
-def _finite(out: np.ndarray, i: int) -> np.ndarray:
+def check_finite(out: np.ndarray, where: str) -> np.ndarray:
+    """`out` unchanged, or a one-line error naming `where` the model gave NaN/inf."""
     if not np.isfinite(out).all():
         raise ValueError(
-            f"the model returned NaN or infinite values (plane {i}); the checkpoint may be "
+            f"the model returned NaN or infinite values ({where}); the checkpoint may be "
             "broken: choose another --model; nothing was written"
         )
     return out
@@ -79,7 +80,7 @@ def process_array(
         planes = _planes_2d(data)
         out = np.empty(planes.shape, np.float32)
         for i, plane in enumerate(planes):
-            out[i] = _finite(restore(plane), i)
+            out[i] = check_finite(restore(plane), f"plane {i}")
             if progress:
                 progress(i + 1, len(planes))
         return out.reshape(data.shape)
@@ -90,7 +91,7 @@ def process_array(
     stacks = moved.reshape((-1, *moved.shape[-3:]))
     out = np.empty(stacks.shape, np.float32)
     for i, stack in enumerate(stacks):
-        out[i] = _finite(restore(stack), i)
+        out[i] = check_finite(restore(stack), f"plane {i}")
         if progress:
             progress(i + 1, len(stacks))
     return np.moveaxis(out.reshape(moved.shape), -3, z)
