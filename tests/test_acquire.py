@@ -109,12 +109,14 @@ def test_disk_filling_up_stops_the_run_and_keeps_every_raw_frame(core, tiny2d, t
     """The disk "fills" after frame 5; the run's free-space watch (polled by the caller's
     thread every 0.1 s) must stop the MDA there, with every raw frame so far saved.
 
-    The camera is held at frame 5 until the watch has seen the full disk: a poller starved
-    of CPU for the ~2 s the other frames take (seen under heavy load) would otherwise let
-    the run complete first, with nothing to stop ("did not raise").
+    The runner is held before its 6th event until the watch has seen the full disk
+    (through the engine's event iterator, on the acquisition thread whatever the signal
+    backend): a watch starved of CPU for the ~2 s the other frames take would otherwise
+    let the run complete first, with nothing to stop ("did not raise").
     """
-    frames, seen = [0], threading.Event()
+    started, seen = [0], threading.Event()
     watch = DiskBudget.raw_in_danger
+    engine_iterator = getattr(core.mda.engine, "event_iterator", iter)
 
     def watched(budget: DiskBudget) -> bool:
         danger = watch(budget)
@@ -122,19 +124,18 @@ def test_disk_filling_up_stops_the_run_and_keeps_every_raw_frame(core, tiny2d, t
             seen.set()
         return danger
 
-    def count(*args) -> None:  # on the acquisition thread (psygnal, direct)
-        frames[0] += 1
-        if frames[0] == 5 and threading.current_thread() is not threading.main_thread():
-            seen.wait(120)
+    def held(events):
+        for event in engine_iterator(events):
+            if started[0] == 5:
+                seen.wait(120)
+            started[0] += 1
+            yield event
 
     monkeypatch.setattr(DiskBudget, "raw_in_danger", watched)
-    core.mda.events.frameReady.connect(count)
-    _fake_disk(monkeypatch, lambda: 10**11 if frames[0] < 5 else 10 * MIB)
-    try:
-        with pytest.raises(AcquireError, match="disk full") as err:
-            acquire(core, _seq(200, 0.01), tiny2d, tmp_path / "run", fmt="ome-zarr")
-    finally:
-        core.mda.events.frameReady.disconnect(count)
+    monkeypatch.setattr(core.mda.engine, "event_iterator", held, raising=False)
+    _fake_disk(monkeypatch, lambda: 10**11 if started[0] < 5 else 10 * MIB)
+    with pytest.raises(AcquireError, match="disk full") as err:
+        acquire(core, _seq(200, 0.01), tiny2d, tmp_path / "run", fmt="ome-zarr")
     assert seen.is_set()
     result = err.value.result
     assert result.frames_acquired == 5  # stopped at the event the watch saw it in
