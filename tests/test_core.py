@@ -94,3 +94,29 @@ def test_snap_command_exits_cleanly_every_time(tmp_path: Path) -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert out.is_file()
+
+
+def test_headless_cores_deliver_mda_events_on_the_acquisition_thread(qapp) -> None:
+    """With a QApplication alive and PYMM_SIGNALS_BACKEND=qt (set by importing
+    pymmcore-widgets), a blocking run still sees its frames: open_core makes psygnal
+    cores unless a window asks for Qt signals."""
+    import os
+
+    import useq
+
+    from ctirf_live.acquisition.core import open_core
+
+    before = os.environ.get("PYMM_SIGNALS_BACKEND")
+    os.environ["PYMM_SIGNALS_BACKEND"] = "qt"
+    try:
+        frames: list[int] = []
+        with open_core(DEMO_CFG) as core:
+            core.mda.events.frameReady.connect(lambda *a: frames.append(1))
+            core.mda.run(useq.MDASequence(time_plan={"interval": 0, "loops": 3}))
+        assert len(frames) == 3  # delivered without an event loop
+        assert os.environ["PYMM_SIGNALS_BACKEND"] == "qt"  # the user's setting is kept
+    finally:
+        if before is None:
+            os.environ.pop("PYMM_SIGNALS_BACKEND", None)
+        else:
+            os.environ["PYMM_SIGNALS_BACKEND"] = before

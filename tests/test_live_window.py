@@ -133,7 +133,7 @@ def core() -> Iterator[Any]:
     """The demo rig for this module's windows (small, fast camera)."""
     from ctirf_live.acquisition.core import open_core
 
-    with open_core(DEMO_CFG) as core:
+    with open_core(DEMO_CFG, signals="qt") as core:
         core.setProperty("Camera", "RealTime", "0")
         core.setExposure(20)
         core.setROI(960, 960, ROI, ROI)

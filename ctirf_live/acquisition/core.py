@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pymmcore_plus import CMMCorePlus
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PY_DEVICE_PREFIX = "#py "
 DEMO_ROI = 512
+Signals = Literal["psygnal", "qt", "auto"]
 RELEASE_TIMEOUT_S = 30.0
 
 
@@ -48,12 +51,18 @@ def _uses_python_devices(text: str) -> bool:
     return any(line.strip().startswith(PY_DEVICE_PREFIX) for line in text.splitlines())
 
 
-def load_core(config_path: str | Path) -> CMMCorePlus:
+def load_core(config_path: str | Path, signals: Signals = "psygnal") -> CMMCorePlus:
     """Return a core with `config_path` loaded.
 
     Configs with `#py` Python-device lines (the demo rig) load into `UniMMCore`; plain
     Micro-Manager configs load into `CMMCorePlus` with the user's installed adapters.
     Prefer `open_core`, which also releases the core.
+
+    `signals`: the core's event backend. "psygnal" (default) delivers MDA events on the
+    acquisition thread, which the blocking calls (acquire, calibrate, the demo) rely on:
+    with Qt signals, which pymmcore-plus picks whenever a QApplication exists or
+    pymmcore-widgets was imported, events are queued to a main thread that is busy
+    waiting for the run, and never arrive. The live window asks for "qt".
     """
     path = Path(config_path)
     if not path.is_file():
@@ -62,16 +71,8 @@ def load_core(config_path: str | Path) -> CMMCorePlus:
             "(acquisition_configs/ctirf_demo.cfg runs the simulated rig)"
         )
     text = path.read_text(errors="replace")
-    if _uses_python_devices(text):
-        from pymmcore_plus.experimental.unicore import UniMMCore
-
-        core: CMMCorePlus = _quietly(_python_device_core_class(UniMMCore))
-        if "ctirf_live.sim" in text:
-            from ctirf_live.sim.scope import reset_microscope
-
-            reset_microscope()
-    else:
-        core = CMMCorePlus()
+    with _signals_backend(signals):
+        core = _new_core(text)
     try:
         core.loadSystemConfiguration(str(path))
         problem = None
@@ -90,6 +91,34 @@ def load_core(config_path: str | Path) -> CMMCorePlus:
     if _uses_python_devices(text) and core.getCameraDevice():
         _centre_roi(core, DEMO_ROI)
     return core
+
+
+def _new_core(text: str) -> CMMCorePlus:
+    """The core class the config needs (UniMMCore for `#py` Python devices)."""
+    if _uses_python_devices(text):
+        from pymmcore_plus.experimental.unicore import UniMMCore
+
+        core: CMMCorePlus = _quietly(_python_device_core_class(UniMMCore))
+        if "ctirf_live.sim" in text:
+            from ctirf_live.sim.scope import reset_microscope
+
+            reset_microscope()
+        return core
+    return CMMCorePlus()
+
+
+@contextmanager
+def _signals_backend(signals: Signals) -> Iterator[None]:
+    """pymmcore-plus reads PYMM_SIGNALS_BACKEND when a core is made: set it for that."""
+    old = os.environ.get("PYMM_SIGNALS_BACKEND")
+    os.environ["PYMM_SIGNALS_BACKEND"] = signals
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYMM_SIGNALS_BACKEND", None)
+        else:
+            os.environ["PYMM_SIGNALS_BACKEND"] = old
 
 
 def _python_device_core_class(base: type[CMMCorePlus]) -> type[CMMCorePlus]:
@@ -174,9 +203,11 @@ def _release(core: CMMCorePlus) -> None:
 
 
 @contextmanager
-def open_core(config_path: str | Path) -> Iterator[CMMCorePlus]:
-    """Load a config, yield the core, and release it (devices unloaded, object freed)."""
-    core = load_core(config_path)
+def open_core(config_path: str | Path, signals: Signals = "psygnal") -> Iterator[CMMCorePlus]:
+    """Load a config, yield the core, and release it (devices unloaded, object freed).
+
+    `signals`: the core's event backend, as in `load_core` ("qt" for a Qt window)."""
+    core = load_core(config_path, signals)
     try:
         yield core
     finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import threading
 import time
@@ -1041,11 +1040,10 @@ def run_live_window(
     from ctirf_live.inference.live import LiveProcessor
 
     # Qt core signals: pymmcore-widgets update from the GUI thread; emitting never waits
-    os.environ.setdefault("PYMM_SIGNALS_BACKEND", "qt")
     app = QApplication.instance() or QApplication(sys.argv[:1])
     choose_canvas_backend()
     restorer = Restorer(model, device=device, tile=tile, backend=backend)
-    with open_core(config) as core:
+    with open_core(config, signals="qt") as core:
         rig = check_rig(core, config)
         check_model_optics(restorer.optics, select_objective(core, rig, objective), rig)
         processor = LiveProcessor(restorer, policy=policy, threads=threads)
