@@ -130,6 +130,7 @@ def main() -> None:
         for m, s in summary.items()
     )
     command = f"python -m benchmarks.bench_et3d --model3d {args.model3d} --stacks {args.stacks}"
+    threads = __import__("torch").get_num_threads()
     text = f"""Command: `{command}`
 ({date.today().isoformat()}, CPU).
 
@@ -139,7 +140,7 @@ neighbouring planes (truth: {record["truth_axial"]:.3f}; closer is better, not h
 Axial fidelity = mean correlation along Z of each structured pixel's intensity with the
 truth's (1 = every pixel rises and falls through the stack as the sectioned truth does).
 Times: median per stack of {args.size} px, and one 6 x {args.time_size} x {args.time_size} stack
-(1 CPU thread, machine shared with other work).
+({threads} CPU threads, machine shared with other work).
 
 | method | MS-SSIM per plane | axial fidelity | neighbour corr. | ms/stack | ms/big stack |
 |---|---|---|---|---|---|
