@@ -302,8 +302,10 @@ def process(
     from ctirf_live.inference.encoding import check_dtype
     from ctirf_live.inference.process import process_file
     from ctirf_live.inference.restorer import Restorer
+    from ctirf_live.models.etnet import load_model
 
     wanted = [c.strip() for c in channels.split(",") if c.strip()]
+    load_model(model)  # a broken or unknown model is named before the input is looked at
     where = choose_scheduler(source, output, scheduler)
     if where is not None and check_dtype(ctirf_dtype) != "float32":
         raise ValueError(
