@@ -305,7 +305,8 @@ def process(
     from ctirf_live.models.etnet import load_model
 
     wanted = [c.strip() for c in channels.split(",") if c.strip()]
-    load_model(model)  # a broken or unknown model is named before the input is looked at
+    # loaded first, so a broken or unknown model is named before the input is looked at
+    net, net_meta = load_model(model, "cpu")
     where = choose_scheduler(source, output, scheduler)
     if where is not None and check_dtype(ctirf_dtype) != "float32":
         raise ValueError(
@@ -325,7 +326,7 @@ def process(
         console.print(f"saved {path} (model {model}, chunk-wise)", highlight=False)
         return
     with _torch_threads(threads):
-        restorer = Restorer(model, device=device, tile=tile, backend=backend)
+        restorer = Restorer(net, device=device, tile=tile, backend=backend, metadata=net_meta)
         report, update = _progress("cTIRF", unit="planes" if restorer.dims == 2 else "stacks")
         with report:
             path, warnings = process_file(

@@ -9,9 +9,10 @@ fsynced and renamed, so an interrupted write never leaves a truncated image behi
 
 from __future__ import annotations
 
+import copy
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -433,16 +434,7 @@ def read_ome_series(path: str | Path, *, first_only: bool = False) -> list[TiffS
     out: list[TiffSeries] = []
     try:
         with tifffile.TiffFile(path) as tif:
-            xml = tif.ome_metadata
-            images = _ome_images(xml) if xml else []
-            for i, series in enumerate(tif.series[:1] if first_only else tif.series):
-                info = TiffInfo(axes=series.axes, name=series.name or "")
-                if i < len(images):
-                    _fill_info(images[i], info)
-                    info.acquisition = read_acquisition(xml, i, info.pixel_size_um)
-                if xml:
-                    info.metadata = _ctirf_json(xml)
-                file = Path(series.keyframe.parent.filehandle.path)
+            for i, series, info, file in _series_infos(tif, 1 if first_only else None):
                 out.append(TiffSeries(_series_pixels(tif, series, i, file), info, file))
     except (tifffile.TiffFileError, ValueError, OSError) as exc:
         raise ValueError(f"{path} is not a readable TIFF ({exc}); is the file complete?") from None
@@ -469,20 +461,29 @@ def read_ome_layout(path: str | Path) -> list[SeriesLayout]:
     out: list[SeriesLayout] = []
     try:
         with tifffile.TiffFile(path) as tif:
-            xml = tif.ome_metadata
-            images = _ome_images(xml) if xml else []
-            for i, series in enumerate(tif.series):
-                info = TiffInfo(axes=series.axes, name=series.name or "")
-                if i < len(images):
-                    _fill_info(images[i], info)
-                    info.acquisition = read_acquisition(xml, i, info.pixel_size_um)
-                if xml:
-                    info.metadata = _ctirf_json(xml)
-                file = Path(series.keyframe.parent.filehandle.path)
+            for i, series, info, file in _series_infos(tif):
                 out.append(SeriesLayout(info, file, i, tuple(series.shape), series.dtype))
     except (tifffile.TiffFileError, ValueError, OSError) as exc:
         raise ValueError(f"{path} is not a readable TIFF ({exc}); is the file complete?") from None
     return out
+
+
+def _series_infos(
+    tif: tifffile.TiffFile, limit: int | None = None
+) -> Iterator[tuple[int, tifffile.TiffPageSeries, TiffInfo, Path]]:
+    """(index, series, its info from the OME Image, the file holding its pixels) for the
+    file's series (the first `limit` of them)."""
+    xml = tif.ome_metadata
+    images = _ome_images(xml) if xml else []
+    metadata = _ctirf_json(xml) if xml else {}
+    for i, series in enumerate(tif.series[:limit]):
+        info = TiffInfo(axes=series.axes, name=series.name or "")
+        if i < len(images):
+            _fill_info(images[i], info)
+            info.acquisition = read_acquisition(xml, i, info.pixel_size_um)
+        if xml:
+            info.metadata = copy.deepcopy(metadata)
+        yield i, series, info, Path(series.keyframe.parent.filehandle.path)
 
 
 def _series_pixels(
