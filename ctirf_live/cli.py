@@ -21,6 +21,7 @@ from rich.console import Console
 from ctirf_live import __version__
 from ctirf_live.cli_export import export_command
 from ctirf_live.clihelp import FlagCommand, FlagGroup
+from ctirf_live.config import DISTILL_AXIAL_PRIOR
 
 app = typer.Typer(
     name="ctirf",
@@ -552,6 +553,19 @@ def distill(
             case_sensitive=False,
         ),
     ] = "gibson_lanni",
+    axial_prior: Annotated[
+        float,
+        typer.Option(
+            "--axial-prior",
+            min=0,
+            help="Weight of the missing-cone prior against plane-to-plane ringing "
+            "(LossWeights.axial_coarse; 0: off)",
+        ),
+    ] = DISTILL_AXIAL_PRIOR,
+    init_student: Annotated[
+        Path | None,
+        typer.Option(help="Continue this ET3dNet checkpoint instead of a fresh student"),
+    ] = None,
     epochs: EpochsOption = None,
     crop: CropOption = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 2)")] = None,
@@ -586,13 +600,21 @@ def distill(
         bar, update = _progress(f"simulating {synthetic} stacks of {planes} planes", "stacks")
         with bar:
             data = synthetic_stacks(
-                synthetic or 0, objective, seed, size, planes, z_step, families=names,
+                synthetic or 0,
+                objective,
+                seed,
+                size,
+                planes,
+                z_step,
+                families=names,
                 progress=update,
             )
     base = distill_settings(seed=seed)
     if batch_size is None:
         batch_size = base.batch_size
     settings = _training_settings(base, epochs, crop, batch_size, seed, _stack_side(data))
+    loss = settings.loss.model_copy(update={"axial_coarse": axial_prior})
+    settings = settings.model_copy(update={"loss": loss})
     n_val = max(1, round(settings.val_fraction * len(data))) if len(data) > 1 else 0
     train_idx, val_idx = list(range(len(data) - n_val)), list(range(len(data) - n_val, len(data)))
     console.print(
@@ -613,6 +635,7 @@ def distill(
         device=device,
         resume=resume,
         keep_resume=keep_resume,
+        init_student=init_student,
     )
     _report_training(result)
 

@@ -169,6 +169,26 @@ class LossWeights(BaseModel):
     b2: float = 0.01
     b3: float = 0.001
     self_supervised: float = 1.0
+    leak: float = Field(
+        0.0,
+        ge=0,
+        description="out-of-layer emphasis: the supervised L1/L2 weights each pixel by "
+        "1 + leak * max(input - target, 0), renormalised to mean 1, so light the target "
+        "rejects (EPI haze, structure above the TIRF layer) costs more to keep (0: off)",
+    )
+    axial_coarse: float = Field(
+        0.0,
+        ge=0,
+        description="3D only: weight of a missing-cone prior, the mean squared Z difference "
+        "of g pooled over AXIAL_POOL_PX laterally (widefield passes no axial frequencies at "
+        "low lateral ones, so nothing else stops plane-to-plane brightness ringing; 0: off)",
+    )
+
+
+DISTILL_AXIAL_PRIOR = 50.0
+"""Default `LossWeights.axial_coarse` of `ctirf distill`: the penalty on a 40 % plane-to-
+plane ringing of g ~0.05 is then ~0.05, a tenth of the distillation loss, while real
+coarse axial changes (a few % per 200 nm) cost ~0.005."""
 
 
 class TrainSettings(BaseModel):

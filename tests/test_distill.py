@@ -15,7 +15,7 @@ from ctirf_live.inference.restorer import Restorer
 from ctirf_live.models.etnet import ET2dNet, load_model, save_model
 from ctirf_live.sim.scope import DEFAULT_OBJECTIVES
 from ctirf_live.training.distill import distill, distill_settings, teacher_targets
-from ctirf_live.training.trainer import TrainResult
+from ctirf_live.training.trainer import TrainError, TrainResult
 
 runner = CliRunner()
 OPTICS = DEFAULT_OBJECTIVES["60X"]
@@ -116,9 +116,7 @@ def test_stack_files_without_optics_take_the_teachers_rig(tmp_path: Path) -> Non
     from ctirf_live.data.stacks import stacks_from_files
 
     path = tmp_path / "s.ome.tif"
-    write_ome_tiff(
-        path, _stacks(1).stacks[0].epi, "ZYX", pixel_size_um=0.11, z_step_um=0.3
-    )
+    write_ome_tiff(path, _stacks(1).stacks[0].epi, "ZYX", pixel_size_um=0.11, z_step_um=0.3)
     found = stacks_from_files([path], planes=6)
     assert not found.optics_recorded
     other = DEFAULT_OBJECTIVES["100X"]
@@ -139,3 +137,35 @@ def test_the_student_starts_with_a_reconstruction_near_the_stack() -> None:
     out = student(stack)
     assert float(out.g.mean()) == pytest.approx(START_G, rel=0.1)
     assert 0.25 < float(out.recon.mean()) < 1.0 < default  # softplus(0) starts ~5x too bright
+
+
+def test_a_student_continues_an_et3dnet_and_refuses_a_2d_one(
+    teacher: ET2dNet, tmp_path: Path
+) -> None:
+    """--init-student starts from the checkpoint's weights (not the near-the-stack start),
+    records the missing-cone prior in its settings, and names a wrong network in one line."""
+    torch.manual_seed(0)
+    settings = distill_settings(epochs=1, crop=64, warmup_epochs=0, lr=1e-9)
+    first = distill(
+        teacher, _stacks(2), None, settings, tmp_path / "a",
+        variant="tiny", device="cpu", progress=False, samples_per_epoch=2,
+    )  # fmt: skip
+    start, _ = load_model(first.best_path)
+    prior = settings.model_copy(
+        update={"loss": settings.loss.model_copy(update={"axial_coarse": 50.0})}
+    )
+    again = distill(
+        teacher, _stacks(2), None, prior, tmp_path / "b", variant="tiny", device="cpu",
+        progress=False, samples_per_epoch=2, init_student=first.best_path,
+    )  # fmt: skip
+    cont, meta = load_model(again.best_path)
+    pairs = zip(start.named_parameters(), cont.parameters(), strict=True)
+    for (k, a), b in pairs:  # lr ~0: the weights are the checkpoint's (BN statistics move)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+    assert meta["provenance"]["settings"]["loss"]["axial_coarse"] == 50.0
+    assert again.history[0]["train_axial_coarse"] >= 0.0  # the prior was in the loss
+    with pytest.raises(TrainError, match="2D model"):
+        distill(
+            teacher, _stacks(2), None, settings, tmp_path / "c", variant="tiny",
+            device="cpu", progress=False, init_student=save_model(teacher, tmp_path / "t"),
+        )  # fmt: skip

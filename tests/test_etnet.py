@@ -65,6 +65,15 @@ def test_3d_ctirf_is_sectioned_and_the_recon_is_widefield(optics: Optics) -> Non
     assert view[2] == pytest.approx(1.0) and view[1] == view[3] < 1.0
 
 
+def test_slicewise_view_of_a_uniform_volume_is_uniform(optics: Optics) -> None:
+    """The stack's edges are continued, not zero: a uniform g must not need to ring."""
+    net = ET3dNet(optics, "tiny")
+    view = net.slicewise_view(torch.full((1, 1, 6, 8, 8), 0.5))[0, 0, :, 4, 4]
+    peaks = net.forward_model.psf.amax(dim=(-2, -1))
+    expected = torch.full((6,), 0.5 * float((peaks / peaks[peaks.shape[0] // 2]).sum()))
+    torch.testing.assert_close(view, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_checkpoint_round_trip_runs_at_another_size(tmp_path: Path, optics: Optics) -> None:
     torch.manual_seed(0)
     net = ET2dNet(optics, "tiny").eval()

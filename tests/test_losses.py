@@ -10,8 +10,10 @@ from ctirf_live.config import LossWeights
 from ctirf_live.training.losses import (
     HybridLoss,
     _multiscale,
+    axial_coarse_tv,
     image_loss,
     l1_reg,
+    leak_weight,
     msssim_regime,
     tv_loss,
 )
@@ -164,3 +166,47 @@ def test_image_loss_is_float32_under_autocast() -> None:
         got = image_loss(a, b, W)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
+
+
+def test_leak_weight_emphasises_light_the_target_rejects() -> None:
+    """Bright input over a dark target weighs more; the weight's mean stays 1."""
+    epi = torch.zeros(2, 1, 16, 16)
+    target = torch.zeros(2, 1, 16, 16)
+    epi[:, :, 4:8] = 0.8  # out-of-layer light: EPI bright, TIRF dark
+    epi[:, :, 10:12] = target[:, :, 10:12] = 0.9  # in-layer: both bright
+    w = leak_weight(epi, target, 8.0)
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    assert float(w[0, 0, 5, 0]) > 5 * float(w[0, 0, 10, 0])
+    assert float(w[0, 0, 10, 0]) == pytest.approx(float(w[0, 0, 0, 0]))
+    assert not w.requires_grad
+
+
+def test_leak_weighting_makes_a_kept_haze_cost_more() -> None:
+    """The same error costs more on out-of-layer light than on in-layer structure."""
+    epi = torch.zeros(1, 1, 32, 32)
+    epi[..., :16] = 0.6
+    target = torch.zeros_like(epi)
+    target[..., 16:] = 0.6
+    off_layer = target.clone()
+    off_layer[..., :16] += 0.1  # keeps some of the haze
+    in_layer = target.clone()
+    in_layer[..., 16:] += 0.1  # same error, on the kept structure
+    weights = LossWeights(a3=0.0, leak=8.0)
+    loss = HybridLoss(weights, baseline=True)
+    cost = [loss(p, target, None, epi, p, None)[0] for p in (off_layer, in_layer)]
+    assert float(cost[0]) > 2 * float(cost[1])
+
+
+def test_axial_prior_penalises_plane_ringing_not_fine_structure() -> None:
+    """Whole planes alternating in brightness cost; fine structure moving between planes
+    at a constant plane mean costs nothing."""
+    ringing = torch.ones(1, 1, 6, 32, 32) * torch.tensor([0.8, 1.4, 0.8, 0.8, 1.4, 0.8]).view(
+        1, 1, 6, 1, 1
+    )
+    moving = torch.zeros(1, 1, 6, 32, 32)
+    for k in range(6):
+        moving[0, 0, k, :, k % 2 :: 2] = 1.0  # columns swap between planes, mean stays 0.5
+    assert float(axial_coarse_tv(ringing)) > 0.1
+    assert float(axial_coarse_tv(moving)) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="Z,Y,X"):
+        axial_coarse_tv(torch.ones(1, 1, 8, 8))

@@ -90,6 +90,19 @@ def start_near_the_stack(student: ETNet) -> None:
             last.bias[channel] = float(np.log(np.expm1(value)))
 
 
+def _continue_student(student: ETNet, checkpoint: str | Path) -> None:
+    """Load an ET3dNet checkpoint's weights into `student`, refusing another network."""
+    previous, _ = load_model(checkpoint)
+    if previous.dims != 3:
+        raise TrainError(f"{checkpoint} is a 2D model; --init-student needs an ET3dNet")
+    if previous.arch_config()["kwargs"] != student.arch_config()["kwargs"]:
+        raise TrainError(
+            f"{checkpoint} is {previous.arch_config()['kwargs']}, not the "
+            f"{student.arch_config()['kwargs']} asked for; match --variant and --psf-model"
+        )
+    student.backbone.load_state_dict(previous.backbone.state_dict())
+
+
 def distill(
     teacher: str | Path | ETNet,
     train_stacks: StackSet,
@@ -105,6 +118,7 @@ def distill(
     samples_per_epoch: int | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     keep_resume: bool = False,
+    init_student: str | Path | None = None,
 ) -> TrainResult:
     """Train an ET3dNet student on `train_stacks` from a frozen ET2dNet `teacher`.
 
@@ -113,6 +127,8 @@ def distill(
     (relative peak 0.67 at 0.2 um for NA 1.5) follows what the simulated and real stacks
     show, where Born & Wolf in one medium (0.85) keeps defocused planes too sharp.
     Its checkpoints record the plane count and z step they were trained on.
+    `init_student` continues an ET3dNet checkpoint (same variant and PSF model) instead
+    of starting near the stack, e.g. the shipped model on a new rig's stacks.
     """
     if len(train_stacks) == 0:
         raise TrainError(f"{train_stacks.description}: no stacks to distil from")
@@ -135,7 +151,10 @@ def distill(
         train_stacks = train_stacks.with_optics(teacher.optics)
     optics = train_stacks.optics.model_copy(update={"z_step_um": train_stacks.z_step_um})
     student = ET3dNet(optics, variant, psf_model=psf_model)
-    start_near_the_stack(student)
+    if init_student is None:
+        start_near_the_stack(student)
+    else:
+        _continue_student(student, init_student)
     stack = {"planes": train_stacks.planes, "z_step_um": train_stacks.z_step_um}
     run = _Run(
         student,

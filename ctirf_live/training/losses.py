@@ -94,8 +94,11 @@ def structural_similarity(a: Tensor, b: Tensor) -> Tensor:
     return _multiscale(a, b, scales, win_size)
 
 
-def _per_sample_loss(a: Tensor, b: Tensor, weights: LossWeights) -> Tensor:
-    """`a1*L1 + a2*L2 + a3*(1 - MS-SSIM)` for each sample, shape (B,)."""
+def _per_sample_loss(
+    a: Tensor, b: Tensor, weights: LossWeights, pixel_weight: Tensor | None = None
+) -> Tensor:
+    """`a1*L1 + a2*L2 + a3*(1 - MS-SSIM)` for each sample, shape (B,); `pixel_weight`
+    (broadcastable to `a`) weights the L1 and L2 means, not the structural term."""
     if a.shape != b.shape:
         raise ValueError(f"cannot compare images of shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.ndim not in (4, 5) or a.shape[1] != 1:
@@ -103,22 +106,34 @@ def _per_sample_loss(a: Tensor, b: Tensor, weights: LossWeights) -> Tensor:
     # float32 even under autocast: SSIM's variances (E[x^2] - E[x]^2) cancel badly in fp16
     with torch.autocast(device_type=a.device.type, enabled=False):
         a, b = a.float(), b.float()
-        diff = (a - b).flatten(1)
-        loss = weights.a1 * diff.abs().mean(1) + weights.a2 * diff.square().mean(1)
+        diff = a - b
+        if pixel_weight is not None:
+            diff_abs = (diff.abs() * pixel_weight.float()).flatten(1)
+            diff_sq = (diff.square() * pixel_weight.float()).flatten(1)
+        else:
+            diff_abs, diff_sq = diff.abs().flatten(1), diff.square().flatten(1)
+        loss = weights.a1 * diff_abs.mean(1) + weights.a2 * diff_sq.mean(1)
         if weights.a3:
             loss = loss + weights.a3 * (1.0 - structural_similarity(a, b))
     return loss
 
 
-def image_loss(a: Tensor, b: Tensor, weights: LossWeights, weight: Tensor | None = None) -> Tensor:
+def image_loss(
+    a: Tensor,
+    b: Tensor,
+    weights: LossWeights,
+    weight: Tensor | None = None,
+    pixel_weight: Tensor | None = None,
+) -> Tensor:
     """Image-pair loss `L(a, b)` (Eq. 4), a scalar averaged over the batch.
 
     `weight` (B,) multiplies each sample's loss before averaging (mean of `weight * L`,
     not normalised by the weights' sum): the paper weights TIRF targets by their variance
     to damp out-of-focus pairs, and the caller decides that scale (e.g. variance divided
     by the dataset's mean variance keeps the loss near its unweighted size).
+    `pixel_weight` weights the pixelwise terms (see `leak_weight`).
     """
-    per_sample = _per_sample_loss(a, b, weights)
+    per_sample = _per_sample_loss(a, b, weights, pixel_weight)
     if weight is not None:
         weight = weight.to(per_sample).reshape(-1)
         if weight.numel() != per_sample.numel():
@@ -138,6 +153,45 @@ def tv_loss(x: Tensor) -> Tensor:
         raise ValueError(f"expected a 4D or 5D tensor, got {tuple(x.shape)}")
     x = x.float()
     return torch.stack([x.diff(dim=d).square().mean() for d in range(2, x.ndim)]).sum()
+
+
+AXIAL_POOL_PX = 8
+"""Lateral pooling of the missing-cone prior: ~0.8 um at 60X, where the widefield OTF
+passes almost no axial frequency."""
+
+
+def leak_weight(epi: Tensor, target: Tensor, strength: float) -> Tensor:
+    """Per-pixel weight `1 + strength * max(epi - target, 0)`, renormalised to mean 1 per
+    sample, with the gradient stopped.
+
+    Where the normalised input is bright and the target dark, the light came from outside
+    the layer the target keeps (EPI haze, filaments a few hundred nm up); weighting those
+    pixels makes keeping that light cost more than its small share of the frame, so the
+    network is pushed to section rather than only to deblur. Mean 1 keeps the loss's
+    scale: the weight moves emphasis, it does not add it.
+    """
+    with torch.no_grad():
+        w = 1.0 + strength * (epi.float() - target.float()).clamp_min(0.0)
+        dims = tuple(range(1, w.ndim))
+        return w / w.mean(dim=dims, keepdim=True)
+
+
+def axial_coarse_tv(g: Tensor, pool: int = AXIAL_POOL_PX) -> Tensor:
+    """Mean squared Z difference of `g` (B,C,Z,Y,X) average-pooled `pool` px laterally.
+
+    The missing-cone prior: a widefield stack carries no axial information at low lateral
+    frequencies, so the physics term cannot stop whole planes alternating in brightness;
+    this penalises exactly that component and leaves fine lateral structure free to
+    change from plane to plane.
+    """
+    if g.ndim != 5:
+        raise ValueError(f"the axial prior needs a (B,C,Z,Y,X) stack, got {tuple(g.shape)}")
+    if g.shape[2] < 2:
+        return g.new_zeros(())
+    b, c, z, y, x = g.shape
+    k = max(1, min(pool, y, x))
+    coarse = F.avg_pool2d(g.float().reshape(b * c * z, 1, y, x), k).reshape(b, c, z, -1)
+    return coarse.diff(dim=2).square().mean()
 
 
 def l1_reg(x: Tensor) -> Tensor:
@@ -179,12 +233,20 @@ class HybridLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """Return the total loss and each unweighted term's value (for logging)."""
         w = self.weights
+        pixel_weight = None
+        if w.leak:
+            if epi is None:
+                raise ValueError("the leak weighting needs the input image (epi)")
+            pixel_weight = leak_weight(epi, target, w.leak)
         terms: dict[str, Tensor] = {
-            "supervised": image_loss(ctirf, target, w, sample_weight),
+            "supervised": image_loss(ctirf, target, w, sample_weight, pixel_weight),
             "tv_g": tv_loss(g),
             "l1_g": l1_reg(g),
         }
         total = terms["supervised"] + w.b1 * terms["tv_g"] + w.b3 * terms["l1_g"]
+        if w.axial_coarse and g.ndim == 5:
+            terms["axial_coarse"] = axial_coarse_tv(g)
+            total = total + w.axial_coarse * terms["axial_coarse"]
         if not self.baseline:
             if recon is None or epi is None or b is None:
                 raise ValueError("the hybrid loss needs recon, epi and b (or baseline=True)")
