@@ -566,6 +566,18 @@ def distill(
         Path | None,
         typer.Option(help="Continue this ET3dNet checkpoint instead of a fresh student"),
     ] = None,
+    inflate: Annotated[
+        bool,
+        typer.Option(
+            "--inflate/--no-inflate",
+            help="Start the student as the teacher run plane by plane (its 2D kernels "
+            "inflated to 3D); --variant must be the teacher's",
+        ),
+    ] = False,
+    lr: Annotated[
+        float | None,
+        typer.Option(min=1e-7, help="Peak learning rate (default the paper's 5e-4)"),
+    ] = None,
     epochs: EpochsOption = None,
     crop: CropOption = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size (default 2)")] = None,
@@ -614,7 +626,7 @@ def distill(
         batch_size = base.batch_size
     settings = _training_settings(base, epochs, crop, batch_size, seed, _stack_side(data))
     loss = settings.loss.model_copy(update={"axial_coarse": axial_prior})
-    settings = settings.model_copy(update={"loss": loss})
+    settings = settings.model_copy(update={"loss": loss, **({"lr": lr} if lr else {})})
     n_val = max(1, round(settings.val_fraction * len(data))) if len(data) > 1 else 0
     train_idx, val_idx = list(range(len(data) - n_val)), list(range(len(data) - n_val, len(data)))
     console.print(
@@ -636,6 +648,7 @@ def distill(
         resume=resume,
         keep_resume=keep_resume,
         init_student=init_student,
+        inflate=inflate,
     )
     _report_training(result)
 

@@ -108,6 +108,15 @@ def test_cli_distills_from_stack_files(teacher: ET2dNet, tmp_path: Path) -> None
     result = runner.invoke(app, [*args, "--epochs", "1", "--crop", "64", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "best.safetensors").is_file()
+    inflated = runner.invoke(
+        app,
+        [*args, "--inflate", "--lr", "1e-4", "--epochs", "1", "--crop", "64", "-o",
+         str(tmp_path / "i")],
+    )  # fmt: skip
+    assert inflated.exit_code == 0, inflated.output
+    _, meta = load_model(tmp_path / "i" / "best.safetensors")
+    assert meta["provenance"]["settings"]["lr"] == 1e-4
+    assert meta["provenance"]["settings"]["loss"]["axial_coarse"] > 0  # the default prior
     bad = runner.invoke(app, ["distill", "--teacher", str(ckpt), "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "exactly one of --stacks" in bad.output
 
@@ -169,3 +178,24 @@ def test_a_student_continues_an_et3dnet_and_refuses_a_2d_one(
             teacher, _stacks(2), None, settings, tmp_path / "c", variant="tiny",
             device="cpu", progress=False, init_student=save_model(teacher, tmp_path / "t"),
         )  # fmt: skip
+
+
+def test_an_inflated_student_starts_as_its_teacher_run_plane_by_plane(teacher: ET2dNet) -> None:
+    """--inflate: the 3D student's g follows the teacher's per-plane g (scaled by the Z
+    profile's sum, since g must not count the neighbours' light again); a teacher of
+    another size is refused in one line."""
+    from ctirf_live.models.etnet import ET3dNet
+    from ctirf_live.training.distill import inflate_teacher
+
+    torch.manual_seed(0)
+    student = ET3dNet(OPTICS, "tiny").eval()
+    inflate_teacher(student, teacher)
+    stack = torch.rand(1, 1, 6, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        g3 = student(stack).g[0, 0]
+        g2 = torch.stack([teacher(p[None, None]).g[0, 0] for p in stack[0, 0]])
+    corr = float(torch.corrcoef(torch.stack([g3.flatten(), g2.flatten()]))[0, 1])
+    assert corr > 0.95
+    assert 0.2 < float(g3.mean() / g2.mean()) < 0.8  # ~1 / sum of the Z profile
+    with pytest.raises(TrainError, match="backbone differs"):
+        inflate_teacher(ET3dNet(OPTICS, "S0"), teacher)

@@ -19,6 +19,7 @@ progress and best-by-validation are the 2D trainer's (`ctirf_live.training.train
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,43 @@ def start_near_the_stack(student: ETNet) -> None:
             last.bias[channel] = float(np.log(np.expm1(value)))
 
 
+def inflate_teacher(student: ETNet, teacher: ETNet) -> None:
+    """Start the 3D student as its 2D teacher run plane by plane (I3D-style inflation).
+
+    Every 2D kernel goes to the centre Z slice of the matching 3D kernel (zeros in the
+    others), so the convolutions act on each plane alone; 1x1 layers, norms and the
+    attention's tables are copied. Only the windowed attention then mixes planes. The
+    teacher's g holds each plane's in-focus light plus ~0.6 of its neighbours', which the
+    volume g must not count again, so g's head bias is lowered by log(sum of the Z
+    profile) (~g / 2.9 where g is small, softplus being ~exp there).
+    """
+    if teacher.dims != 2 or student.dims != 3:
+        raise TrainError("inflation maps a 2D (ET2dNet) teacher into a 3D (ET3dNet) student")
+    mine, theirs = student.backbone.state_dict(), teacher.backbone.state_dict()
+    if set(mine) != set(theirs):
+        raise TrainError(
+            "the teacher's backbone differs from the student's (variant or attention "
+            "upsampling); distil with the teacher's --variant"
+        )
+    out = {}
+    for key, w3 in mine.items():
+        w2 = theirs[key]
+        if w2.shape == w3.shape:
+            out[key] = w2.clone()
+        elif w3.ndim == w2.ndim + 1 and (*w3.shape[:2], *w3.shape[3:]) == tuple(w2.shape):
+            w = torch.zeros_like(w3)
+            w[:, :, w3.shape[2] // 2] = w2
+            out[key] = w
+        else:
+            raise TrainError(f"cannot inflate {key}: {tuple(w2.shape)} -> {tuple(w3.shape)}")
+    student.backbone.load_state_dict(out)
+    psf = student.forward_model.psf
+    peaks = psf.amax(dim=(-2, -1))
+    total = float((peaks / peaks[psf.shape[0] // 2]).sum())
+    with torch.no_grad():
+        student.backbone.head[-1].bias[0] -= math.log(total)
+
+
 def _continue_student(student: ETNet, checkpoint: str | Path) -> None:
     """Load an ET3dNet checkpoint's weights into `student`, refusing another network."""
     previous, _ = load_model(checkpoint)
@@ -119,6 +157,7 @@ def distill(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     keep_resume: bool = False,
     init_student: str | Path | None = None,
+    inflate: bool = False,
 ) -> TrainResult:
     """Train an ET3dNet student on `train_stacks` from a frozen ET2dNet `teacher`.
 
@@ -128,8 +167,11 @@ def distill(
     show, where Born & Wolf in one medium (0.85) keeps defocused planes too sharp.
     Its checkpoints record the plane count and z step they were trained on.
     `init_student` continues an ET3dNet checkpoint (same variant and PSF model) instead
-    of starting near the stack, e.g. the shipped model on a new rig's stacks.
+    of starting near the stack, e.g. the shipped model on a new rig's stacks; `inflate`
+    starts it as the teacher run plane by plane (`inflate_teacher`).
     """
+    if inflate and init_student is not None:
+        raise TrainError("give --inflate or --init-student, not both")
     if len(train_stacks) == 0:
         raise TrainError(f"{train_stacks.description}: no stacks to distil from")
     teacher_name = str(teacher) if not isinstance(teacher, ETNet) else "in-memory teacher"
@@ -150,11 +192,17 @@ def distill(
         # the optics (NA, wavelength, indices) are the teacher's rig
         train_stacks = train_stacks.with_optics(teacher.optics)
     optics = train_stacks.optics.model_copy(update={"z_step_um": train_stacks.z_step_um})
-    student = ET3dNet(optics, variant, psf_model=psf_model)
-    if init_student is None:
-        start_near_the_stack(student)
+    if inflate:
+        student = ET3dNet(
+            optics, variant, psf_model=psf_model, attn_up_eighth=teacher.backbone.attn_up_eighth
+        )
+        inflate_teacher(student, teacher)
     else:
-        _continue_student(student, init_student)
+        student = ET3dNet(optics, variant, psf_model=psf_model)
+        if init_student is None:
+            start_near_the_stack(student)
+        else:
+            _continue_student(student, init_student)
     stack = {"planes": train_stacks.planes, "z_step_um": train_stacks.z_step_um}
     run = _Run(
         student,
