@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--name", default="et3dnet_s0_60x_sim")
     parser.add_argument("--ship", action="store_true", help="copy best into ctirf_live/weights")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--command", default=None, help="the distill command as run (default: rebuilt)"
+    )
+    parser.add_argument("--section", default=SECTION, help="RESULTS.md section to write")
     args = parser.parse_args()
 
     best = args.run / "best.safetensors"
@@ -51,9 +55,12 @@ def main() -> None:
     settings = prov["settings"]
     minutes = sum(h.get("seconds", 0.0) for h in history) / 60
     best_epoch = min(history, key=lambda h: h.get("val_loss", float("inf")))["epoch"]
-    text = f"""Command: `ctirf distill --teacher {prov.get("init_from")} --synthetic \
-{prov["train_pairs"] + prov["val_pairs"]} --size 384 --epochs {settings["epochs"]} --crop \
-{settings["crop"]} -o {args.run}` (1 CPU thread, machine shared with other work; no GPU lent).
+    command = args.command or (
+        f"ctirf distill --teacher {prov.get('init_from')} --synthetic "
+        f"{prov['train_pairs'] + prov['val_pairs']} --size 384 --epochs {settings['epochs']} "
+        f"--crop {settings['crop']} -o {args.run}"
+    )
+    text = f"""Command: `{command}` (1 CPU thread, machine shared with other work; no GPU lent).
 
 ET3dNet {meta["architecture"]["kwargs"]["variant"]} ({meta["psf"]["model"]} 3D PSF, \
 {meta["psf"]["shape"][0]} planes), teacher `{prov.get("init_from")}`, data {prov["data"]}:
@@ -63,14 +70,15 @@ ET3dNet {meta["architecture"]["kwargs"]["variant"]} ({meta["psf"]["model"]} 3D P
 {settings["warmup_epochs"]} warm-up epochs and cosine decay, {len(history)} epochs in
 {minutes:.0f} min; best (lowest validation loss) epoch {best_epoch}. Supervised term:
 the teacher's slice-wise g against the student's g as a 2D model sees it
-(`ETNet.slicewise_view`); physics term: g * psf3d + b against the stack.
+(`ETNet.slicewise_view`); physics term: g * psf3d + b against the stack; missing-cone
+prior weight {settings["loss"].get("axial_coarse", 0.0):g}.
 
 | epoch | supervised | physics | train loss | val loss | val MS-SSIM | best so far |
 |---|---|---|---|---|---|---|
 {curve_rows(history)}
 """
     if not args.no_write:
-        update_section(SECTION, text)
+        update_section(args.section, text)
     print(text)
     if args.ship:
         target = SHIPPED / f"{args.name}.safetensors"
