@@ -549,7 +549,9 @@ def distill(
         str,
         typer.Option(
             "--psf-model",
-            help="3D PSF of the physics term: gibson_lanni (oil into water) or born_wolf",
+            help="3D PSF of the physics term: gibson_lanni (emitter on the coverslip), "
+            "gibson_lanni_water (emitter 1 um into the sample: focal shift, depth "
+            "aberration) or born_wolf",
             case_sensitive=False,
         ),
     ] = "gibson_lanni",

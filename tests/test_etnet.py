@@ -113,3 +113,28 @@ def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="ET2dNet"):
         load_model(path)
+
+
+def test_the_water_psf_is_the_deep_emitters_broader_asymmetric_one(
+    optics: Optics, tmp_path: Path
+) -> None:
+    """gibson_lanni_water: an emitter 1 um into water seen through oil, stage stepped around
+    its focus, spreads further along Z (focal shift) and unevenly (depth aberration) than
+    an emitter on the glass; a 3D model built on it keeps it through a checkpoint."""
+    water = make_psf(optics, 3, "gibson_lanni_water")
+    glass = make_psf(optics, 3, "gibson_lanni")
+    assert water.shape == glass.shape
+    assert water[water.shape[0] // 2].sum() == pytest.approx(1.0, rel=1e-4)
+
+    def relative(p: np.ndarray) -> np.ndarray:
+        peaks = p.max(axis=(1, 2))
+        return peaks / peaks.max()
+
+    w, g = relative(water), relative(glass)
+    c = len(w) // 2
+    assert w[c - 2] > g[c - 2] + 0.1 and w[c + 2] > g[c + 2] + 0.1  # broader along Z
+    assert abs(w[c + 1] - w[c - 1]) > 0.1 > abs(g[c + 1] - g[c - 1])  # and uneven
+    net = ET3dNet(optics, "tiny", psf_model="gibson_lanni_water")
+    loaded, meta = load_model(save_model(net, tmp_path / "w"))
+    assert meta["psf"]["model"] == "gibson_lanni_water"
+    torch.testing.assert_close(loaded.forward_model.psf, net.forward_model.psf)

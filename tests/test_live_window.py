@@ -278,8 +278,13 @@ def test_3d_model_shows_the_stack_with_a_z_slider_and_xz(qtbot, win) -> None:
     win.run_mda(useq.MDASequence(z_plan={"range": 1.0, "step": 0.2}))
     qtbot.waitUntil(lambda: win._mode == "idle", timeout=60000)
     assert win.ctirf_pane.buffer.dims == ("z", "y", "x")
-    planes = [win.ctirf_pane.buffer.plane({"z": z}) for z in range(6)]
-    assert all(p is not None and p.any() for p in planes)  # the whole restored stack
+
+    def restored() -> list:
+        return [win.ctirf_pane.buffer.plane({"z": z}) for z in range(6)]
+
+    # the MDA is over before the model has restored its stack: wait for the whole stack
+    qtbot.waitUntil(lambda: all(p is not None and p.any() for p in restored()), timeout=60000)
+    planes = restored()
     win.ctirf_pane.viewer.display_model.current_index.update({"z": 1})
     assert win.raw_pane.index() == {"z": 1}
     np.testing.assert_array_equal(win.ctirf_pane.shown_plane(), planes[1])

@@ -133,10 +133,10 @@ def _continue_student(student: ETNet, checkpoint: str | Path) -> None:
     previous, _ = load_model(checkpoint)
     if previous.dims != 3:
         raise TrainError(f"{checkpoint} is a 2D model; --init-student needs an ET3dNet")
-    if previous.arch_config()["kwargs"] != student.arch_config()["kwargs"]:
+    if previous.backbone.arch_config() != student.backbone.arch_config():
         raise TrainError(
-            f"{checkpoint} is {previous.arch_config()['kwargs']}, not the "
-            f"{student.arch_config()['kwargs']} asked for; match --variant and --psf-model"
+            f"{checkpoint} has another backbone ({previous.arch_config()['kwargs']}) than "
+            f"the {student.arch_config()['kwargs']} asked for; match --variant"
         )
     student.backbone.load_state_dict(previous.backbone.state_dict())
 
