@@ -34,6 +34,34 @@ def curve_rows(history: list[dict]) -> str:
     )
 
 
+def ship_inflated(args: argparse.Namespace) -> None:
+    """Write (and with --ship, ship) the ET2dNet `--inflate-from` inflated to a 6-plane,
+    200 nm ET3dNet with `--psf-model`, untrained."""
+    from ctirf_live.models.etnet import ET3dNet, load_model, save_model
+    from ctirf_live.training.distill import inflate_teacher
+
+    teacher, _ = load_model(args.inflate_from)
+    optics = teacher.optics.model_copy(update={"z_step_um": 0.2})
+    student = ET3dNet(
+        optics, "S0", psf_model=args.psf_model, attn_up_eighth=teacher.backbone.attn_up_eighth
+    )
+    inflate_teacher(student, teacher)
+    provenance = {
+        "kind": "inflate",
+        "data": f"none: {args.inflate_from} inflated to 3D, not trained",
+        "init_from": str(args.inflate_from),
+    }
+    out = args.run / "inflated.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(student, out, provenance=provenance, stack={"planes": 6, "z_step_um": 0.2})
+    print(f"wrote {out}")
+    if args.ship:
+        target = SHIPPED / f"{args.name}.safetensors"
+        shutil.copyfile(out, target)
+        shutil.copyfile(out.with_suffix(".json"), target.with_suffix(".json"))
+        print(f"shipped {target}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=Path("runs/et3d_s0"))
@@ -44,7 +72,16 @@ def main() -> None:
         "--command", default=None, help="the distill command as run (default: rebuilt)"
     )
     parser.add_argument("--section", default=SECTION, help="RESULTS.md section to write")
+    parser.add_argument(
+        "--inflate-from",
+        default=None,
+        help="instead of a run: this ET2dNet inflated to 3D, untrained (inflate_teacher)",
+    )
+    parser.add_argument("--psf-model", default="gibson_lanni_water", help="with --inflate-from")
     args = parser.parse_args()
+    if args.inflate_from:
+        ship_inflated(args)
+        return
 
     best = args.run / "best.safetensors"
     if not best.is_file():
