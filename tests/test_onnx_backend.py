@@ -73,14 +73,17 @@ def test_onnx_restorer_matches_torch_and_caches(cache: Path, monkeypatch) -> Non
     assert calls == []
 
 
-def test_3d_model_exports_or_falls_back(cache: Path) -> None:
+def test_3d_models_stay_in_torch_and_an_explicit_onnx_is_refused(cache: Path) -> None:
+    """ONNX Runtime corrupted the heap on the 3D graph (sporadic aborts): `auto` keeps
+    ET3dNet in torch, `onnx` is refused in one line naming the way out."""
     model = _tiny(ET3dNet)
+    auto = Restorer(model, device="cpu", tile=128, backend="auto")
+    assert auto.backend == "torch" and auto._onnx is None
     stack = np.stack([_frame((64, 64), seed=s) for s in range(6)])
-    fast = Restorer(model, device="cpu", tile=128, backend="onnx")
-    out = fast.restore(stack)
-    ref = Restorer(model, device="cpu", tile=128, backend="torch").restore(stack)
-    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=1e-6 * ref.max())
-    assert fast._onnx is not None and fast._onnx.refused((1, 1, 6, 96, 96)) is None
+    assert auto.restore(stack).shape == stack.shape
+    with pytest.raises(ValueError, match="--backend torch"):
+        Restorer(model, device="cpu", tile=128, backend="onnx")
+    assert Restorer(_tiny(ET2dNet), device="cpu", backend="onnx").backend == "onnx"
 
 
 def test_graph_off_tolerance_is_refused_with_a_warning(cache: Path, caplog) -> None:

@@ -12,7 +12,9 @@ it into tiles); on CUDA the whole frame does (e.g. 2048x2048), as long as memory
 Inference runs a copy of the network with BatchNorm folded into the convolutions
 (`models/fold.py`). Backends: `torch`, or `onnx` (ONNX Runtime for the backbone, the PSF
 convolution in torch; `inference/onnx_backend.py`), which `auto` picks on the CPU when
-onnxruntime is installed (`CTIRF_BACKEND=torch` turns that off). On CUDA it runs in half
+onnxruntime is installed (`CTIRF_BACKEND=torch` turns that off), for 2D models only: on
+ET3dNet's 3D graph ONNX Runtime aborted with heap corruption in 1 of 3 runs here, so 3D
+models run in torch and an explicit `onnx` for one is refused. On CUDA it runs in half
 precision (autocast) with cuDNN autotuning; `compile=True` adds `torch.compile` with
 static shapes (CUDA graphs on a GPU). When the GPU runs out of memory it falls back to
 tiles, then smaller tiles and, as a last resort, moves to the CPU.
@@ -51,6 +53,10 @@ OUTPUTS = ("ctirf", "g", "background", "recon", "ctirf+recon")
 # from one forward pass, stacked on a new leading axis (for the consistency monitor)
 BACKENDS = ("auto", "torch", "onnx")
 BACKEND_ENV = "CTIRF_BACKEND"  # what `auto` means when set: torch or onnx
+ONNX_3D_REFUSED = (
+    "the onnx backend runs 2D models only: ONNX Runtime corrupted the heap on ET3dNet's 3D "
+    "graph (1 abort in 3 runs here); use --backend torch for 3D models"
+)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -115,6 +121,10 @@ class Restorer:
         else:
             self.model, self.metadata = load_model(model, "cpu")
         self.model = self.model.to(self.device).eval()
+        if self.backend == "onnx" and self.model.dims == 3:
+            if str(backend).lower() == "onnx":
+                raise ValueError(ONNX_3D_REFUSED)
+            self.backend = "torch"  # auto: 3D graphs stay in torch (ONNX_3D_REFUSED)
         # `model` stays as given (it may be saved or trained on); inference runs a copy
         self.inference_model = fold_batchnorm(self.model) if fold else self.model
         self.half = (self.device.type == "cuda") if half is None else bool(half)
