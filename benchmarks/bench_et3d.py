@@ -91,8 +91,7 @@ def main() -> None:
     r2 = Restorer(args.model2d, device="cpu")
     # RL gets the student's own 3D PSF (same model, planes and z step)
     psf3 = make_psf(r3.optics, dims=3, model=r3.model.psf_model, planes=11)
-    peaks = psf3.max(axis=(1, 2))
-    profile = peaks / peaks[len(peaks) // 2]
+    profile = r3.model.z_profile().cpu().numpy()
 
     def per_plane(s: np.ndarray) -> np.ndarray:
         return np.stack([r2.restore(p) for p in s])

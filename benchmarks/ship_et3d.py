@@ -34,6 +34,14 @@ def curve_rows(history: list[dict]) -> str:
     )
 
 
+def ship(checkpoint: Path, name: str) -> None:
+    """Copy a checkpoint and its metadata into ctirf_live/weights/ as `name`."""
+    target = SHIPPED / f"{name}.safetensors"
+    shutil.copyfile(checkpoint, target)
+    shutil.copyfile(checkpoint.with_suffix(".json"), target.with_suffix(".json"))
+    print(f"shipped {target}")
+
+
 def ship_inflated(args: argparse.Namespace) -> None:
     """Write (and with --ship, ship) the ET2dNet `--inflate-from` inflated to a 6-plane,
     200 nm ET3dNet with `--psf-model`, untrained."""
@@ -56,10 +64,7 @@ def ship_inflated(args: argparse.Namespace) -> None:
     save_model(student, out, provenance=provenance, stack={"planes": 6, "z_step_um": 0.2})
     print(f"wrote {out}")
     if args.ship:
-        target = SHIPPED / f"{args.name}.safetensors"
-        shutil.copyfile(out, target)
-        shutil.copyfile(out.with_suffix(".json"), target.with_suffix(".json"))
-        print(f"shipped {target}")
+        ship(out, args.name)
 
 
 def main() -> None:
@@ -118,10 +123,7 @@ prior weight {settings["loss"].get("axial_coarse", 0.0):g}.
         update_section(args.section, text)
     print(text)
     if args.ship:
-        target = SHIPPED / f"{args.name}.safetensors"
-        shutil.copyfile(best, target)
-        shutil.copyfile(best.with_suffix(".json"), target.with_suffix(".json"))
-        print(f"shipped {target}")
+        ship(best, args.name)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,14 @@ class ETNet(nn.Module):
         ctirf = blurred if self.section_model is None else self.section_model(g)
         return ETOutput(g=g, b=b, ctirf=ctirf, recon=blurred + b)
 
+    def z_profile(self) -> torch.Tensor:
+        """The 3D PSF's peak per plane relative to the in-focus one, (planes,): how much of
+        an emitter a frame that far away still shows as in focus."""
+        if self.dims != 3:
+            raise ValueError("the Z profile is for 3D (ET3dNet) models")
+        peaks = self.forward_model.psf.amax(dim=(-2, -1))
+        return peaks / peaks[peaks.numel() // 2]
+
     def slicewise_view(self, g: torch.Tensor) -> torch.Tensor:
         """What a 2D model run plane by plane reports of the volume `g` (B, 1, Z, Y, X).
 
@@ -188,12 +196,8 @@ class ETNet(nn.Module):
         the only `g` matching a uniform teacher rings from plane to plane (the Z blur
         passes period-3 patterns at ~0.15, so their inverse is amplified ~7x).
         """
-        if self.dims != 3:
-            raise ValueError("slicewise_view is for 3D (ET3dNet) outputs")
-        psf = self.forward_model.psf
-        peaks = psf.amax(dim=(-2, -1))
-        half = psf.shape[0] // 2
-        profile = (peaks / peaks[half]).to(g.dtype)
+        profile = self.z_profile().to(g.dtype)
+        half = profile.numel() // 2
         weight = profile.reshape(1, 1, -1, 1, 1)
         padded = F.pad(g, (0, 0, 0, 0, half, half), mode="replicate")
         return F.conv3d(padded, weight)

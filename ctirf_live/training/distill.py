@@ -121,9 +121,7 @@ def inflate_teacher(student: ETNet, teacher: ETNet) -> None:
         else:
             raise TrainError(f"cannot inflate {key}: {tuple(w2.shape)} -> {tuple(w3.shape)}")
     student.backbone.load_state_dict(out)
-    psf = student.forward_model.psf
-    peaks = psf.amax(dim=(-2, -1))
-    total = float((peaks / peaks[psf.shape[0] // 2]).sum())
+    total = float(student.z_profile().sum())
     with torch.no_grad():
         student.backbone.head[-1].bias[0] -= math.log(total)
 

@@ -107,12 +107,10 @@ def _per_sample_loss(
     with torch.autocast(device_type=a.device.type, enabled=False):
         a, b = a.float(), b.float()
         diff = a - b
+        pixelwise = weights.a1 * diff.abs() + weights.a2 * diff.square()
         if pixel_weight is not None:
-            diff_abs = (diff.abs() * pixel_weight.float()).flatten(1)
-            diff_sq = (diff.square() * pixel_weight.float()).flatten(1)
-        else:
-            diff_abs, diff_sq = diff.abs().flatten(1), diff.square().flatten(1)
-        loss = weights.a1 * diff_abs.mean(1) + weights.a2 * diff_sq.mean(1)
+            pixelwise = pixelwise * pixel_weight.float()
+        loss = pixelwise.flatten(1).mean(1)
         if weights.a3:
             loss = loss + weights.a3 * (1.0 - structural_similarity(a, b))
     return loss
