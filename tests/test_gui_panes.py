@@ -73,6 +73,36 @@ def test_scale_bar_follows_zoom(qtbot) -> None:
     assert bar.bar()[0] == 1
 
 
+def test_panes_slice_on_the_gui_thread(qtbot, monkeypatch) -> None:
+    """ndv's thread pool moved QObjects across threads and deadlocked the window: a pane's
+    slices are read on the thread that asks, and drawn before refresh returns."""
+    import threading
+
+    import ndv.controllers._array_viewer as array_viewer
+
+    from ctirf_live.gui.panes import ImagePane
+
+    monkeypatch.setenv("NDV_CANVAS_BACKEND", "vispy")
+    threads: list[int] = []
+    real = array_viewer.process_request
+
+    def recording(req):
+        threads.append(threading.get_ident())
+        return real(req)
+
+    monkeypatch.setattr(array_viewer, "process_request", recording)
+    pane = ImagePane("raw")
+    qtbot.addWidget(pane)
+    buf = PlaneBuffer({"t": 2}, (16, 16), np.uint16)
+    pane.set_buffer(buf)
+    buf.put({"t": 1}, np.full((16, 16), 9))
+    pane.set_index({"t": 1})
+    pane.refresh()
+    assert threads and set(threads) == {threading.get_ident()}
+    assert pane.viewer._is_idle()  # nothing left in flight for a later callback
+    pane.dispose()
+
+
 @dataclass
 class Stats:
     acquired: int = 10

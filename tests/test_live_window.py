@@ -42,15 +42,11 @@ from ctirf_live.models.etnet import ET2dNet, ET3dNet
 
 os.environ.setdefault("NDV_CANVAS_BACKEND", "vispy")
 
-# Segfaults inside the Qt event loop: Python's garbage collector ran on the MDA, cTIRF,
-# ndv-pool and snap threads (measured), finalizing Qt wrappers there; a window now collects
-# on the GUI thread only (gui/collector.py; then 0 collections off it, no crash in 2 runs).
-# Opt-in until this file passes 3 times in a row: the close-mid-MDA test still finds one
-# raw frame fewer on disk than the processor counted (a cancel race, not a crash).
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("CTIRF_GUI_TESTS"),
-    reason="window tests can segfault during garbage collection (open); CTIRF_GUI_TESTS=1",
-)
+# The window used to crash or hang here about once in four runs: ndv sliced its data on a
+# thread pool whose results moved QObjects to the GUI thread while holding the GIL, against
+# a disconnect on the GUI thread waiting for it (gdb). Panes now slice on the GUI thread
+# (panes.make_synchronous; test_gui_panes checks it), and garbage is collected on the GUI
+# thread only (gui/collector.py).
 
 ROI = 128
 
@@ -166,15 +162,36 @@ def use(win: LiveWindow, processor: Any) -> Any:
     return processor
 
 
+def wait_for_stats(qtbot, win: LiveWindow, text: str, timeout_ms: int = 20000) -> None:
+    """Wait until the statistics line shows `text`; on a timeout say what it showed."""
+    try:
+        qtbot.waitUntil(lambda: text in win.stats_label.text(), timeout=timeout_ms)
+    except Exception:
+        stats = getattr(win.processor, "stats", None)
+        raise AssertionError(
+            f"statistics never showed {text!r}: the line reads {win.stats_label.text()!r}; "
+            f"processor stats {stats}"
+        ) from None
+
+
 def filled(pane) -> bool:
     plane = pane.shown_plane()
     return plane is not None and bool(np.any(plane))
 
 
-def test_snap_presets_compare_linked_zoom_and_live(qtbot, win, core, restorer) -> None:
+def test_snap_presets_compare_linked_zoom_and_live(qtbot, win, core, restorer,
+                                                  monkeypatch) -> None:
     """Snap (the pymmcore-widgets button), the EPI/TIRF selector both ways, overlay and
-    blink, linked zoom, live streaming."""
+    blink, linked zoom, live streaming; the model never runs on the GUI thread."""
     processor = use(win, FakeProcessor(restorer))
+    threads: list[int] = []
+    restore = restorer.restore
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return restore(*args, **kwargs)
+
+    monkeypatch.setattr(restorer, "restore", recording)
     assert win.devices.illumination.isEnabled() and win.devices.objective is not None
     assert len(win.devices.stages) == 2  # XY stage and focus
 
@@ -194,6 +211,7 @@ def test_snap_presets_compare_linked_zoom_and_live(qtbot, win, core, restorer) -
     qtbot.waitUntil(lambda: filled(win.ctirf_pane), timeout=30000)
     assert win.ctirf_pane.buffer.dtype == np.float32
     assert win.ctirf_pane.shown_plane().shape == (ROI, ROI)
+    assert threads and threading.get_ident() not in threads  # restored on a worker
     qtbot.waitUntil(lambda: win._mode == "idle" and win.residual_box.isEnabled(), timeout=5000)
     qtbot.waitUntil(lambda: "old" in win.ctirf_pane.info.text(), timeout=5000)
     assert win.raw_pane.scale_bar.pixel_size_um == pytest.approx(0.0975)
@@ -252,7 +270,7 @@ def test_mda_editor_run_to_completion_with_z_stacks(qtbot, win, restorer, tmp_pa
     ctirf, meta = read_result(run_dir / "ctirf.ome.tiff")
     assert ctirf.reshape(-1, ROI, ROI).shape[0] == 12 and meta
     assert (run_dir / "raw.ome.tiff").is_file()
-    qtbot.waitUntil(lambda: "processed 12/12" in win.stats_label.text(), timeout=5000)
+    wait_for_stats(qtbot, win, "processed 12/12")
 
     assert win.raw_pane.buffer.dims == ("t", "z", "y", "x")
     assert win.ctirf_pane.index() == {"t": 1, "z": 5}  # followed to the last plane
@@ -268,7 +286,7 @@ def test_mda_editor_run_to_completion_with_z_stacks(qtbot, win, restorer, tmp_pa
 
     win.run_mda(useq.MDASequence(time_plan={"interval": 0, "loops": 2}))  # counts from 0
     qtbot.waitUntil(lambda: win._mode == "idle", timeout=30000)
-    qtbot.waitUntil(lambda: "processed 2/2" in win.stats_label.text(), timeout=5000)
+    wait_for_stats(qtbot, win, "processed 2/2")
     assert win.xz_row.isHidden() and win.run_dir is None and processor.result_writer is None
     assert win.follow_box.isChecked() and win.ctirf_pane.index() == {"t": 1}
 

@@ -10,7 +10,6 @@ every long step must log timestamped progress lines.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from pathlib import Path
@@ -118,17 +117,8 @@ def test_readme_has_the_whole_workflow() -> None:
     "with_window",
     [
         False,
-        # the live window offline waits for its stage icons (~50 s here): slow run only,
-        # and on request, as the window tests (test_live_window: CTIRF_GUI_TESTS=1)
-        pytest.param(
-            True,
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.skipif(
-                    not os.environ.get("CTIRF_GUI_TESTS"), reason="set CTIRF_GUI_TESTS=1"
-                ),
-            ],
-        ),
+        # the live window offline waits for its stage icons (~50 s here): slow run only
+        pytest.param(True, marks=pytest.mark.slow),
     ],
     ids=["headless", "with-live-window"],
 )

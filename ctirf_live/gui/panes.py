@@ -150,9 +150,8 @@ class ImagePane(QWidget):
         icons.install()
         choose_canvas_backend()
         self.visible_axes = visible_axes
-        self.viewer = ndv.ArrayViewer(
-            viewer_options=VIEWER_OPTIONS, default_lut={"cmap": cmap}
-        )
+        self.viewer = ndv.ArrayViewer(viewer_options=VIEWER_OPTIONS, default_lut={"cmap": cmap})
+        make_synchronous(self.viewer)
         self.buffer: PlaneBuffer | None = None
         self.disposed = False
         self.title = QLabel(f"<b>{title}</b>")
@@ -279,6 +278,22 @@ class ImagePane(QWidget):
                 with suppress(Exception):
                     canvas.close()
         self.buffer = None
+
+
+def make_synchronous(viewer: Any) -> None:
+    """Slice a viewer's data on the calling (GUI) thread instead of ndv's thread pool.
+
+    Our buffers are in memory, so a slice costs microseconds; ndv's pool hands each
+    result back through `call_in_main_thread`, which creates a QObject on the pool thread
+    and moves it to the GUI thread while holding the GIL. With a disconnect running on
+    the GUI thread (it holds Qt's signal lock and waits for the GIL) that deadlocked the
+    window (gdb: QObject::moveToThread against QObject::disconnect), and it is where the
+    window tests crashed. `_async` is what ndv's NDV_SYNCHRONOUS variable sets.
+    """
+    if hasattr(viewer, "_async"):
+        viewer._async = False
+    else:  # a later ndv: its own switch, read when a viewer is made
+        log.warning("ndv has no _async switch; set NDV_SYNCHRONOUS=1 for the live window")
 
 
 def _finish_requests(viewer: Any, timeout: float) -> None:
