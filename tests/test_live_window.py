@@ -281,6 +281,7 @@ def test_mda_editor_run_to_completion_with_z_stacks(qtbot, win, restorer, tmp_pa
     assert win.ctirf_pane.index() == {"t": 0, "z": 2}  # linked
     win._refresh_status()
     assert win.ctirf_pane.info.text().startswith("t=0 z=2")
+    assert win.xz_panes[1].info.text() == f"y={ROI // 2} t=0"  # the row cut, of which stack
     np.testing.assert_allclose(win.ctirf_pane.shown_plane(), ctirf.reshape(2, 6, ROI, ROI)[0, 2])
     grab(win, "mda_z")
 

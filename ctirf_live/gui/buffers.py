@@ -49,7 +49,7 @@ class PlaneBuffer:
 
     `sizes` are the run's axis lengths (a useq sequence's `sizes`); `channels` name the
     `c` positions (ndv shows the names). Thread-unsafe on purpose: only the GUI thread
-    writes and ndv reads on its own worker, which at worst shows a plane one refresh late.
+    writes, and the panes make ndv read on the GUI thread too (`panes.make_synchronous`).
     """
 
     def __init__(

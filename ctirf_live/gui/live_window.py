@@ -693,6 +693,13 @@ class LiveWindow(QMainWindow):
             missing = "" if self.ctirf_pane.shown_plane() is not None else " · not processed"
             age = format_age(now - source) if source is not None else ""
             self.ctirf_pane.info.setText(" · ".join(p for p in (where + missing, age) if p))
+        for xz, main in zip(self.xz_panes, (self.raw_pane, self.ctirf_pane), strict=False):
+            row = xz.slider("y")  # which row the XZ view cuts, of which stack
+            if xz.buffer is None or row is None or main.shown_plane() is None:
+                xz.info.setText("nothing yet")
+                continue
+            stack = describe_index({k: v for k, v in xz.index().items() if k != "z"})
+            xz.info.setText(" ".join(p for p in (f"y={row}", stack) if p))
         for pane in (self.raw_pane, self.ctirf_pane, *self.xz_panes):
             pane.update_scale_bar(self._pixel_um)
         if self.compare_pane is not None:

@@ -217,6 +217,17 @@ class ImagePane(QWidget):
         if changed:
             self.viewer.display_model.current_index.update(changed)
 
+    def slider(self, axis: str) -> int | None:
+        """The position of one axis's slider, any axis (the row `y` of an XZ view)."""
+        if self.buffer is None:
+            return None
+        dims = self.buffer.dims
+        for key, value in dict(self.viewer.display_model.current_index).items():
+            name = dims[key] if isinstance(key, int) and -len(dims) <= key < len(dims) else key
+            if name == axis and isinstance(value, int | np.integer):
+                return int(value)
+        return None
+
     def shown_plane(self) -> np.ndarray | None:
         """The plane at the sliders (None when it was not received or no data yet)."""
         if self.buffer is None:
