@@ -51,12 +51,21 @@ def ship_inflated(args: argparse.Namespace) -> None:
     teacher, _ = load_model(args.inflate_from)
     optics = teacher.optics.model_copy(update={"z_step_um": 0.2})
     student = ET3dNet(
-        optics, "S0", psf_model=args.psf_model, attn_up_eighth=teacher.backbone.attn_up_eighth
+        optics,
+        "S0",
+        psf_model=args.psf_model,
+        attn_up_eighth=teacher.backbone.attn_up_eighth,
+        axial_unblur=args.axial_unblur,
     )
     inflate_teacher(student, teacher)
+    unblur = (
+        f", slice-wise view inverted by {args.axial_unblur} Richardson-Lucy iterations along Z"
+        if args.axial_unblur
+        else ""
+    )
     provenance = {
         "kind": "inflate",
-        "data": f"none: {args.inflate_from} inflated to 3D, not trained",
+        "data": f"none: {args.inflate_from} inflated to 3D, not trained{unblur}",
         "init_from": str(args.inflate_from),
     }
     out = args.run / "inflated.safetensors"
@@ -83,6 +92,13 @@ def main() -> None:
         help="instead of a run: this ET2dNet inflated to 3D, untrained (inflate_teacher)",
     )
     parser.add_argument("--psf-model", default="gibson_lanni_water", help="with --inflate-from")
+    parser.add_argument(
+        "--axial-unblur",
+        type=int,
+        default=0,
+        help="with --inflate-from: Richardson-Lucy iterations that invert the slice-wise "
+        "view along Z in the cTIRF output (ETNet.unblur_view; 0: off)",
+    )
     args = parser.parse_args()
     if args.inflate_from:
         ship_inflated(args)

@@ -74,6 +74,42 @@ def test_slicewise_view_of_a_uniform_volume_is_uniform(optics: Optics) -> None:
     torch.testing.assert_close(view, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_view_matrix_is_the_slicewise_view(optics: Optics) -> None:
+    torch.manual_seed(0)
+    net = ET3dNet(optics, "tiny", psf_model="gibson_lanni_water")
+    g = torch.rand(1, 1, 6, 5, 5)
+    by_matrix = torch.einsum("kz,bczyx->bckyx", net.view_matrix(6).float(), g)
+    torch.testing.assert_close(by_matrix, net.slicewise_view(g), atol=1e-5, rtol=1e-5)
+
+
+def test_axial_unblur_gives_each_emitter_back_to_its_plane(tmp_path: Path, optics: Optics) -> None:
+    """An inflated student's cTIRF is the teacher's slice-wise response / sum(profile);
+    inverting the view puts the light of a point in plane 2 back into plane 2, keeps the
+    teacher's scale, and the setting travels with the checkpoint."""
+    net = ET3dNet(optics, "tiny", psf_model="gibson_lanni_water", axial_unblur=20)
+    g = torch.zeros(1, 1, 6, 1, 1)
+    g[0, 0, 2] = 1.0
+    response = net.slicewise_view(g) / net.view_matrix(6)[0].sum().float()
+    blurred_share = float(response[0, 0, 2].sum() / response.sum())
+    out = net.unblur_view(response, 20)
+    share = float(out[0, 0, 2].sum() / out.sum())
+    # the water PSF's view is nearly flat over three planes: RL sharpens it step by step
+    assert share > 1.4 * blurred_share and int(out[0, 0, :, 0, 0].argmax()) == 2
+    assert float(out[0, 0, 5].sum()) < float(response[0, 0, 5].sum()) / 5
+    assert float(out.sum()) == pytest.approx(1.0, rel=0.15)  # the point's own light
+    loaded, meta = load_model(save_model(net, tmp_path / "m3"))
+    assert meta["architecture"]["kwargs"]["axial_unblur"] == 20 and loaded.axial_unblur == 20
+    plain = ET3dNet(optics, "tiny", psf_model="gibson_lanni_water")
+    plain.load_state_dict(net.state_dict())
+    x = torch.rand(1, 1, 6, 32, 32)
+    with torch.no_grad():
+        a, b = net(x), plain(x)
+    torch.testing.assert_close(a.recon, b.recon)  # the physics is untouched
+    torch.testing.assert_close(a.ctirf, net.unblur_view(b.ctirf, 20))
+    with pytest.raises(ValueError, match="3D"):
+        ET2dNet(optics, "tiny", axial_unblur=5)
+
+
 def test_checkpoint_round_trip_runs_at_another_size(tmp_path: Path, optics: Optics) -> None:
     torch.manual_seed(0)
     net = ET2dNet(optics, "tiny").eval()

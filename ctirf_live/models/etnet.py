@@ -122,10 +122,16 @@ class ETNet(nn.Module):
         psf: np.ndarray | None = None,
         drop_path: float = 0.0,
         attn_up_eighth: bool = False,
+        axial_unblur: int = 0,
     ) -> None:
         super().__init__()
+        if axial_unblur and dims != 3:
+            raise ValueError("axial_unblur inverts a Z blur: it is for 3D (ET3dNet) models")
+        if axial_unblur < 0:
+            raise ValueError(f"axial_unblur is an iteration count >= 0, got {axial_unblur}")
         self.optics = optics
         self.dims = dims
+        self.axial_unblur = int(axial_unblur)
         self.psf_model = "measured" if psf is not None else psf_model
         self.backbone = EViTUNet(
             variant,
@@ -170,6 +176,8 @@ class ETNet(nn.Module):
         used when the backbone ran elsewhere, e.g. in ONNX Runtime)."""
         blurred = self.forward_model(g)
         ctirf = blurred if self.section_model is None else self.section_model(g)
+        if self.axial_unblur:
+            ctirf = self.unblur_view(ctirf, self.axial_unblur)
         return ETOutput(g=g, b=b, ctirf=ctirf, recon=blurred + b)
 
     def z_profile(self) -> torch.Tensor:
@@ -202,6 +210,38 @@ class ETNet(nn.Module):
         padded = F.pad(g, (0, 0, 0, 0, half, half), mode="replicate")
         return F.conv3d(padded, weight)
 
+    def view_matrix(self, planes: int) -> torch.Tensor:
+        """`slicewise_view` along Z as a (planes, planes) matrix: row k holds the weights
+        plane k of the view takes from each plane of `g` (edges continued, rows sum to the
+        profile's sum)."""
+        profile = self.z_profile().double().cpu()
+        half = profile.numel() // 2
+        matrix = torch.zeros(planes, planes, dtype=torch.float64)
+        for k in range(planes):
+            for d in range(-half, half + 1):
+                matrix[k, min(max(k + d, 0), planes - 1)] += profile[d + half]
+        return matrix
+
+    def unblur_view(self, stack: torch.Tensor, iterations: int) -> torch.Tensor:
+        """Invert `slicewise_view` along Z by Richardson-Lucy (non-negative, no ringing).
+
+        For a student whose `g` still is the teacher's slice-wise response scaled by
+        1 / sum(profile) (inflated from ET2dNet: the teacher's kernels in the centre Z
+        slice, `training.distill.inflate_teacher`), this gives the volume whose slice-wise
+        view is that response, on the teacher's intensity scale: an emitter is given back
+        to its own plane instead of the ~3 planes 200 nm apart that each show it in focus.
+        `stack` is (B, C, Z, Y, X).
+        """
+        matrix = self.view_matrix(stack.shape[2]).to(stack.device, torch.float32)
+        target = stack.float().clamp_min(0.0) * matrix[0].sum() + 1e-6
+        norm = matrix.sum(0).reshape(1, 1, -1, 1, 1)
+        estimate = target.clone()
+        for _ in range(iterations):
+            view = torch.einsum("kz,bczyx->bckyx", matrix, estimate)
+            ratio = torch.einsum("kz,bckyx->bczyx", matrix, target / view.clamp_min(1e-12))
+            estimate = estimate * ratio / norm
+        return estimate.to(stack.dtype)
+
     def arch_config(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this network."""
         kwargs: dict[str, Any] = {
@@ -211,6 +251,8 @@ class ETNet(nn.Module):
         }
         if self.backbone.attn_up_eighth:
             kwargs["attn_up_eighth"] = True
+        if self.axial_unblur:
+            kwargs["axial_unblur"] = self.axial_unblur
         return {"name": self.name, "kwargs": kwargs, "backbone": self.backbone.arch_config()}
 
 
