@@ -518,6 +518,37 @@ def train_command(
     _record_consistency(result)
 
 
+
+def _stack_files(stacks: Path) -> list[Path]:
+    """The OME-TIFF files and OME-Zarr stores in a folder (or the one given); in a run
+    folder of `ctirf acquire` the raw store, not the cTIRF one beside it."""
+    from ctirf_live.inference.rawstore import is_zarr
+    from ctirf_live.inference.writers import RESULT_STEM
+
+    if not stacks.is_dir() or is_zarr(stacks):
+        return [stacks]
+    found = [*stacks.glob("*.tif*"), *(p for p in stacks.glob("*.zarr") if is_zarr(p))]
+    files = sorted(p for p in found if not p.name.startswith(f"{RESULT_STEM}."))
+    if not files:
+        raise ValueError(
+            f"{stacks} holds no OME-TIFF or OME-Zarr stacks; record some with ctirf acquire "
+            "or ctirf calibrate --stacks"
+        )
+    return files
+
+
+def _read_stack_file(path: Path) -> list[tuple[Any, Any]]:
+    """Every image of an OME-TIFF (as `data.stacks`) or OME-Zarr store (every position)."""
+    from ctirf_live.inference.rawstore import is_zarr
+
+    if not is_zarr(Path(path)):
+        from ctirf_live.data.tiff import read_ome_tiff
+
+        return [read_ome_tiff(path)]
+    from ctirf_live.inference.dask_process import read_chunked
+
+    return [(series.data, series.info) for series in read_chunked(path)]
+
 @app.command(cls=FlagCommand)
 @user_errors
 def distill(
@@ -602,13 +633,7 @@ def distill(
         if (stacks / "manifest.json").is_file():  # a `ctirf calibrate --stacks` dataset
             data = stacks_from_dataset(stacks, planes)
         else:
-            files = sorted(stacks.glob("*.tif*")) if stacks.is_dir() else [stacks]
-            if not files:
-                raise ValueError(
-                    f"{stacks} holds no OME-TIFF stacks; record some with ctirf acquire "
-                    "or ctirf calibrate --stacks"
-                )
-            data = stacks_from_files(files, planes)
+            data = stacks_from_files(_stack_files(stacks), planes, reader=_read_stack_file)
     else:
         names = _family_names(families)
         bar, update = _progress(f"simulating {synthetic} stacks of {planes} planes", "stacks")

@@ -339,3 +339,27 @@ def test_grid_sub_sequence_run_stores_every_tile(core, tiny2d, tmp_path: Path) -
         data, meta = read_result(result.ctirf_path, position=pos)
         assert meta["processed"] == "1" and data.max() > 0
 
+
+
+@pytest.mark.parametrize("fmt", ["ome-zarr", "ome-tiff"])
+def test_an_acquired_z_stack_run_is_distillation_data(core, tiny2d, tmp_path: Path, fmt) -> None:
+    """ET3dNet's data (b): the raw store `ctirf acquire` writes, OME-Zarr or OME-TIFF, is
+    read by `ctirf distill --stacks` as 6-plane stacks with the run's z step and pixels."""
+    pytest.importorskip("dask")
+    from ctirf_live.cli import _read_stack_file, _stack_files
+    from ctirf_live.data.stacks import stacks_from_files
+
+    seq = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 2},
+        z_plan={"range": 1.0, "step": 0.2},
+        channels=[{"config": "EPI", "exposure": 2}],
+    )
+    result = acquire(core, seq, tiny2d, tmp_path / "run", fmt=fmt)
+    assert result.frames_acquired == 12
+    files = _stack_files(result.out_dir)  # the run folder: its raw store, not the cTIRF
+    assert files == [result.raw_path]
+    data = stacks_from_files(files, planes=6, reader=_read_stack_file)
+    assert len(data) == 2 and data.stacks[0].epi.shape == (6, ROI, ROI)
+    assert data.z_step_um == pytest.approx(0.2)
+    assert data.optics.pixel_size_um == pytest.approx(core.getPixelSizeUm())
+    assert data.stacks[0].epi.std(axis=(1, 2)).min() > 0  # real frames, not padding

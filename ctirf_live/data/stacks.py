@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,21 +124,35 @@ def synthetic_stacks(
     return StackSet(stacks, optics, z_step_um, f"synthetic stacks {n} ({objective}, {names})")
 
 
-def stacks_from_files(
-    paths: Sequence[str | Path], planes: int = PLANES, channel: str = "EPI"
-) -> StackSet:
-    """Every (T, P) z-stack of `channel` in OME-TIFF files, split into `planes`-plane stacks.
-
-    All files must share the pixel size and z step; a stack whose Z count is not a
-    multiple of `planes` keeps its first whole windows.
-    """
+def _read_tiff(path: str | Path) -> list[tuple[Any, Any]]:
     from ctirf_live.data.tiff import read_ome_tiff
 
+    return [read_ome_tiff(path)]
+
+
+def stacks_from_files(
+    paths: Sequence[str | Path],
+    planes: int = PLANES,
+    channel: str = "EPI",
+    reader: Callable[[str | Path], list[tuple[Any, Any]]] | None = None,
+) -> StackSet:
+    """Every (T, P) z-stack of `channel` in image files, split into `planes`-plane stacks.
+
+    `reader(path)` gives each image (series, position) of a file as (array, info), info
+    with `axes`, `z_step_um`, `pixel_size_um`, `channel_names` and `metadata` as
+    `data.tiff.TiffInfo`; the default reads OME-TIFF (an OME-Zarr reader lives with the
+    chunked processing, `inference.dask_process.read_chunked`). All files must share the
+    pixel size and z step; a stack whose Z count is not a multiple of `planes` keeps its
+    first whole windows.
+    """
+    reader = reader or _read_tiff
     stacks: list[Stack] = []
     pixel = step = None
     recorded: dict | None = None
-    for path in paths:
-        data, info = read_ome_tiff(path)
+    images = [
+        (path, k, data, info) for path in paths for k, (data, info) in enumerate(reader(path))
+    ]
+    for path, k, data, info in images:
         axes = info.axes.upper()
         if "Z" not in axes:
             raise StackError(f"{path} has no Z axis (axes {info.axes}); pass EPI z-stacks")
@@ -156,11 +171,12 @@ def stacks_from_files(
         c = names.index(channel) if channel in names else 0
         if arr.shape[2] < planes:
             raise StackError(f"{path} has {arr.shape[2]} planes; ET3dNet needs {planes}")
+        where = f"{Path(path).name}:" + (f"p{k}:" if len(images) > len(paths) else "")
         for t in range(arr.shape[0]):
             for z0 in range(0, arr.shape[2] - planes + 1, planes):
-                stacks.append(Stack(arr[t, c, z0 : z0 + planes], f"{Path(path).name}:t{t}:z{z0}"))
+                stacks.append(Stack(arr[t, c, z0 : z0 + planes], f"{where}t{t}:z{z0}"))
     if not stacks:
-        raise StackError("no stacks found; pass OME-TIFF z-stacks (ctirf acquire writes them)")
+        raise StackError("no stacks found; pass OME-TIFF or OME-Zarr z-stacks (ctirf acquire)")
     sizes = {"pixel_size_um": pixel or Optics().pixel_size_um, "z_step_um": step or Z_STEP_UM}
     optics = Optics(**{**(recorded or {}), **sizes})
     return StackSet(
