@@ -518,7 +518,6 @@ def train_command(
     _record_consistency(result)
 
 
-
 def _stack_files(stacks: Path) -> list[Path]:
     """The OME-TIFF files and OME-Zarr stores in a folder (or the one given); in a run
     folder of `ctirf acquire` the raw store, not the cTIRF one beside it."""
@@ -539,15 +538,15 @@ def _stack_files(stacks: Path) -> list[Path]:
 
 def _read_stack_file(path: Path) -> list[tuple[Any, Any]]:
     """Every image of an OME-TIFF (as `data.stacks`) or OME-Zarr store (every position)."""
+    from ctirf_live.data.stacks import read_tiff_images
     from ctirf_live.inference.rawstore import is_zarr
 
     if not is_zarr(Path(path)):
-        from ctirf_live.data.tiff import read_ome_tiff
-
-        return [read_ome_tiff(path)]
+        return read_tiff_images(path)
     from ctirf_live.inference.dask_process import read_chunked
 
     return [(series.data, series.info) for series in read_chunked(path)]
+
 
 @app.command(cls=FlagCommand)
 @user_errors

@@ -11,7 +11,7 @@ OME-TIFFs as `ctirf acquire` or `ctirf process` write them (T/P/C/Z/Y/X), EPI ch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,10 +124,22 @@ def synthetic_stacks(
     return StackSet(stacks, optics, z_step_um, f"synthetic stacks {n} ({objective}, {names})")
 
 
-def _read_tiff(path: str | Path) -> list[tuple[Any, Any]]:
+def read_tiff_images(path: str | Path) -> list[tuple[Any, Any]]:
+    """The one image of an OME-TIFF as (array, TiffInfo): `stacks_from_files`' reader."""
     from ctirf_live.data.tiff import read_ome_tiff
 
     return [read_ome_tiff(path)]
+
+
+def _images(
+    paths: Sequence[str | Path], reader: Callable[[str | Path], list[tuple[Any, Any]]]
+) -> Iterator[tuple[str | Path, str, Any, Any]]:
+    """(path, position label, array, info) of every image, file by file; the label is
+    `pK:` for files with more than one image (positions of an OME-Zarr store), else ''."""
+    for path in paths:
+        found = reader(path)
+        for k, (data, info) in enumerate(found):
+            yield path, (f"p{k}:" if len(found) > 1 else ""), data, info
 
 
 def stacks_from_files(
@@ -145,14 +157,10 @@ def stacks_from_files(
     pixel size and z step; a stack whose Z count is not a multiple of `planes` keeps its
     first whole windows.
     """
-    reader = reader or _read_tiff
     stacks: list[Stack] = []
     pixel = step = None
     recorded: dict | None = None
-    images = [
-        (path, k, data, info) for path in paths for k, (data, info) in enumerate(reader(path))
-    ]
-    for path, k, data, info in images:
+    for path, position, data, info in _images(paths, reader or read_tiff_images):
         axes = info.axes.upper()
         if "Z" not in axes:
             raise StackError(f"{path} has no Z axis (axes {info.axes}); pass EPI z-stacks")
@@ -171,7 +179,7 @@ def stacks_from_files(
         c = names.index(channel) if channel in names else 0
         if arr.shape[2] < planes:
             raise StackError(f"{path} has {arr.shape[2]} planes; ET3dNet needs {planes}")
-        where = f"{Path(path).name}:" + (f"p{k}:" if len(images) > len(paths) else "")
+        where = f"{Path(path).name}:{position}"
         for t in range(arr.shape[0]):
             for z0 in range(0, arr.shape[2] - planes + 1, planes):
                 stacks.append(Stack(arr[t, c, z0 : z0 + planes], f"{where}t{t}:z{z0}"))

@@ -191,17 +191,23 @@ class ImagePane(QWidget):
         if wrapper is not None:
             wrapper.data_changed.emit()
 
-    def index(self) -> dict[str, int]:
-        """The slider positions, by axis name (t, p, g, c, z)."""
+    def _sliders(self) -> dict[str, int]:
+        """Every integer slider position of the viewer, by axis name (y, x included)."""
         if self.buffer is None:
             return {}
         dims = self.buffer.dims
         out: dict[str, int] = {}
         for key, value in dict(self.viewer.display_model.current_index).items():
             name = dims[key] if isinstance(key, int) and -len(dims) <= key < len(dims) else key
-            if isinstance(value, int | np.integer) and name in self.buffer.axes:
+            if isinstance(value, int | np.integer):
                 out[str(name)] = int(value)
         return out
+
+    def index(self) -> dict[str, int]:
+        """The slider positions, by axis name (t, p, g, c, z)."""
+        if self.buffer is None:
+            return {}
+        return {k: v for k, v in self._sliders().items() if k in self.buffer.axes}
 
     def set_index(self, index: Mapping[str, int]) -> None:
         """Move the sliders of the axes this pane has (others are ignored)."""
@@ -219,14 +225,7 @@ class ImagePane(QWidget):
 
     def slider(self, axis: str) -> int | None:
         """The position of one axis's slider, any axis (the row `y` of an XZ view)."""
-        if self.buffer is None:
-            return None
-        dims = self.buffer.dims
-        for key, value in dict(self.viewer.display_model.current_index).items():
-            name = dims[key] if isinstance(key, int) and -len(dims) <= key < len(dims) else key
-            if name == axis and isinstance(value, int | np.integer):
-                return int(value)
-        return None
+        return self._sliders().get(axis)
 
     def shown_plane(self) -> np.ndarray | None:
         """The plane at the sliders (None when it was not received or no data yet)."""
