@@ -35,6 +35,7 @@ import useq
 
 from benchmarks.results import RESULTS, update_section
 from ctirf_live.acquisition.core import open_core
+from ctirf_live.acquisition.mda import run_mda
 from ctirf_live.config import Optics
 from ctirf_live.inference.live import LiveProcessor
 from ctirf_live.inference.restorer import Restorer
@@ -70,9 +71,9 @@ def acquisition_times(
             for i in range(repeats):
                 for hooked in (False, True):
                     raw = str(Path(tmp) / f"raw{i}{int(hooked)}.ome.tiff")
-                    outputs = [raw, processor] if hooked else raw
+                    handlers = [processor] if hooked else []
                     t0 = time.perf_counter()
-                    core.mda.run(seq, output=outputs)
+                    run_mda(core, seq, handlers=handlers, sinks=[raw])
                     (with_hook if hooked else without).append(time.perf_counter() - t0)
             processor.wait_until_idle(120)
             last = processor.stats.to_dict()

@@ -818,6 +818,14 @@ def acquire(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs in --out")] = False,
     ctirf_dtype: CtirfDtypeOpt = "float32",
     ctirf_scale: CtirfScaleOpt = None,
+    coverslip_z: Annotated[
+        float | None,
+        typer.Option(
+            "--coverslip-z",
+            help="Stage focus (um) of the coverslip; frames focused farther than the "
+            "depth of field are flagged [default: the focus when the run starts]",
+        ),
+    ] = None,
 ) -> None:
     """Run an MDA with live cTIRF: raw and cTIRF stores plus summary.json (Ctrl-C stops)."""
     from rich.table import Table
@@ -863,6 +871,7 @@ def acquire(
                 threads=threads,
                 ctirf_dtype=ctirf_dtype,
                 ctirf_scale=ctirf_scale,
+                focus_reference_um=coverslip_z,
             )
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -890,7 +899,7 @@ def acquire(
         f"{result.ctirf_planes} planes processed)",
     )
     table.add_row("summary", str(result.summary_path))
-    if result.consistency.get("calibrated"):
+    if result.consistency.get("flagged") is not None:
         c = result.consistency
         table.add_row("consistency", f"{c['flagged']} of {c['frames']} planes flagged")
     console.print(table)

@@ -81,20 +81,24 @@ def flagged_before_after(
 ) -> dict[str, Any]:
     """Held-out frames of the new rig the consistency monitor flags before and after
     fine-tuning, each model judged by its own calibration (the shipped one's, and the
-    one fine-tuning recorded on its validation frames). Empty when either has none."""
-    from ctirf_live.inference.consistency import ConsistencyMonitor
+    one fine-tuning recorded on its validation frames) and against the rig's pixel size,
+    as a live run is. Empty when either model has no calibration. `image_before/after`:
+    the frames the image scores alone flag."""
+    from ctirf_live.inference.consistency import ConsistencyMonitor, context_reasons
 
     first = ConsistencyMonitor(Restorer(shipped, device="cpu"))
     after = ConsistencyMonitor(Restorer(tuned, device="cpu"))
     if not (first.calibrated and after.calibrated):
         return {}
     frames = [p.epi for p in held_out.pairs]
-    return {
-        "frames": len(frames),
-        "before": sum(first.restore(f).flagged > 0 for f in frames),
-        "after": sum(after.restore(f).flagged > 0 for f in frames),
-        "calibration_after": after.calibration.get("source", ""),
-    }
+    counts: dict[str, Any] = {"frames": len(frames)}
+    for name, monitor in (("before", first), ("after", after)):
+        image = [bool(monitor.restore(f).flagged) for f in frames]
+        rig = context_reasons(monitor.restorer.optics, None, held_out.optics.pixel_size_um)
+        counts[name] = sum(flag or bool(rig) for flag in image)
+        counts[f"image_{name}"] = sum(image)
+    counts["calibration_after"] = after.calibration.get("source", "")
+    return counts
 
 
 def consistency_line(counts: dict[str, Any]) -> str:
@@ -103,11 +107,17 @@ def consistency_line(counts: dict[str, Any]) -> str:
         return "consistency monitor: not calibrated, nothing to compare"
     n, before, after = counts["frames"], counts["before"], counts["after"]
     verdict = "drops" if after < before else "does not drop" if after == before else "rises"
-    return (
+    line = (
         f"consistency monitor: {before} of {n} held-out frames of this rig flagged before "
         f"fine-tuning ({before / n:.0%}), {after} of {n} after ({after / n:.0%}): the "
         f"flagged fraction {verdict}"
     )
+    if "image_before" in counts:
+        line += (
+            f" (image scores alone: {counts['image_before']} -> {counts['image_after']}; "
+            "the rest by the rig's pixel size)"
+        )
+    return line
 
 
 def adaptation_verdict(

@@ -109,34 +109,33 @@ def test_disk_filling_up_stops_the_run_and_keeps_every_raw_frame(core, tiny2d, t
     """The disk "fills" after frame 5; the run's free-space watch (polled by the caller's
     thread every 0.1 s) must stop the MDA there, with every raw frame so far saved.
 
-    The runner is held before its 6th event until the watch has seen the full disk
-    (through the engine's event iterator, on the acquisition thread whatever the signal
-    backend): a watch starved of CPU for the ~2 s the other frames take would otherwise
-    let the run complete first, with nothing to stop ("did not raise").
+    The runner is held before its 6th event until the watch has seen the full disk and
+    cancelled the MDA (through the engine's event iterator, on the acquisition thread
+    whatever the signal backend): a watch starved of CPU for the ~2 s the other frames
+    take would otherwise let the run complete first, with nothing to stop ("did not
+    raise"), and a runner let go before the cancel would take a 6th frame.
     """
-    started, seen = [0], threading.Event()
-    watch = DiskBudget.raw_in_danger
+    started, canceled = [0], threading.Event()
+    cancel = core.mda.cancel
     engine_iterator = getattr(core.mda.engine, "event_iterator", iter)
 
-    def watched(budget: DiskBudget) -> bool:
-        danger = watch(budget)
-        if danger:
-            seen.set()
-        return danger
+    def cancel_seen() -> None:
+        cancel()
+        canceled.set()
 
     def held(events):
         for event in engine_iterator(events):
             if started[0] == 5:
-                seen.wait(120)
+                canceled.wait(120)
             started[0] += 1
             yield event
 
-    monkeypatch.setattr(DiskBudget, "raw_in_danger", watched)
+    monkeypatch.setattr(core.mda, "cancel", cancel_seen)
     monkeypatch.setattr(core.mda.engine, "event_iterator", held, raising=False)
     _fake_disk(monkeypatch, lambda: 10**11 if started[0] < 5 else 10 * MIB)
     with pytest.raises(AcquireError, match="disk full") as err:
         acquire(core, _seq(200, 0.01), tiny2d, tmp_path / "run", fmt="ome-zarr")
-    assert seen.is_set()
+    assert canceled.is_set()
     result = err.value.result
     assert result.frames_acquired == 5  # stopped at the event the watch saw it in
     assert result.raw_frames_saved == result.frames_acquired == count_raw_frames(result.raw_path)

@@ -57,3 +57,19 @@ def test_acquire_policy_and_format_in_any_case(tmp_path: Path) -> None:
     assert (out / "raw.ome.zarr").is_dir() and (out / "ctirf.ome.zarr").is_dir()
     bad = runner.invoke(app, [*args, "-o", str(tmp_path / "x"), "--policy", "fast"])
     assert bad.exit_code == 2 and "use record or preview" in bad.output
+
+
+def test_acquire_checks_the_focus_against_the_coverslip_given(tmp_path: Path) -> None:
+    """--coverslip-z: a frame focused 2 um above it is flagged, and the table says so."""
+    import json
+
+    torch.manual_seed(0)
+    model = save_model(ET2dNet(Optics(), "tiny"), tmp_path / "tiny.safetensors")
+    seq = tmp_path / "one.yaml"
+    seq.write_text("time_plan: {interval: 0, loops: 2}\nchannels: [{config: EPI, exposure: 1}]\n")
+    args = ["acquire", "-c", str(DEMO_CFG), "-s", str(seq), "-m", str(model), "--tile", "256"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "run"), "--coverslip-z", "-2"])
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 planes flagged" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["consistency"]
+    assert summary["context"]["focus_reference_um"] == -2.0 and summary["flagged"] == 2

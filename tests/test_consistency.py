@@ -18,6 +18,8 @@ from ctirf_live.inference.consistency import (
     ConsistencyMonitor,
     advice,
     calibrate,
+    context_reasons,
+    focus_tolerance_um,
     judge,
     limits,
     plane_scores,
@@ -90,6 +92,60 @@ def test_limits_judge_each_score_on_its_side_and_say_why() -> None:
         "30 of 50 frames are outside what model m was trained on: collect pairs with "
         "ctirf calibrate and fine-tune"
     )
+
+
+def test_focus_away_from_the_reference_and_another_pixel_size_flag_without_calibration(
+) -> None:
+    """No image score can see these; the acquisition's facts can, calibrated or not."""
+    from types import SimpleNamespace
+
+    optics = Optics()  # 60X, NA 1.5, 670 nm: depth of field 0.45 um
+    assert focus_tolerance_um(optics) == pytest.approx(0.670 * 1.518 / 1.5**2)
+    model = SimpleNamespace(dims=2, optics=optics, metadata={}, model=SimpleNamespace(name="m"))
+    monitor = ConsistencyMonitor(model, calibration={})  # type: ignore[arg-type]
+    row = np.zeros((1, len(SCORES)))
+    assert monitor.verdicts(row, [2.0])[0].flagged is None  # no reference: not checked
+    monitor.focus_reference_um = 10.0
+    near, far, unknown = (monitor.verdicts(row, [z])[0] for z in (10.3, 8.5, None))
+    assert near.flagged is None and near.focus_offset_um == pytest.approx(0.3)
+    assert far.flagged and "focus -1.50 um from the reference" in far.reason
+    assert unknown.flagged is None and math.isnan(unknown.focus_offset_um)
+    monitor.pixel_size_um = 0.065  # the 100X rig
+    other_rig = monitor.verdicts(row, [10.0])[0]
+    assert other_rig.flagged and other_rig.reason == "pixel 65.0 nm, model trained at 97.5 nm"
+    assert context_reasons(optics, 0.0, 0.099) == []  # within 5%
+    # a 3D model's stack spans depth: its planes are placed by the lowest one
+    model.dims = 3
+    monitor.pixel_size_um = None
+    stack = monitor.verdicts(np.zeros((3, len(SCORES))), [10.0, 10.2, 10.4])
+    assert [p.flagged for p in stack] == [None] * 3
+    assert all(p.focus_offset_um == 0.0 for p in stack)
+    high = monitor.verdicts(np.zeros((3, len(SCORES))), [11.0, 11.2, 11.4])
+    assert all(p.flagged and "focus +1.00 um" in p.reason for p in high)
+
+
+def test_acquire_flags_the_planes_of_a_stack_beyond_the_depth_of_field(
+    tiny_path: Path, demo_core, tmp_path: Path
+) -> None:
+    """An ET2dNet restoring a z-stack: the planes away from the run's focus are flagged,
+    the sidecar records each plane's offset, the summary the facts checked."""
+    from ctirf_live.inference.acquire import acquire
+
+    restorer = Restorer(tiny_path, device="cpu", tile=128)
+    monitor = ConsistencyMonitor(restorer, calibration={})  # only the acquisition's facts
+    demo_core.setPosition(1.0)  # the run's focus, the planes' reference
+    seq = useq.MDASequence(z_plan={"range": 2.0, "step": 0.5}, stage_positions=[(0, 0, 1.0)],
+                           channels=[{"config": "EPI", "exposure": 2}])
+    result = acquire(demo_core, seq, restorer, tmp_path / "run", consistency=monitor)
+    rows = list(csv.DictReader(sidecar_path(result.ctirf_path).open()))
+    offsets = [float(r["focus_offset_um"]) for r in rows]
+    assert offsets == pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0])
+    assert [r["flagged"] for r in rows] == ["1", "1", "", "1", "1"]
+    assert "depth of field 0.45 um" in rows[0]["reason"]
+    summary = json.loads(result.summary_path.read_text())["consistency"]
+    assert summary["flagged"] == 4 and summary["context"]["focus_reference_um"] == 1.0
+    assert summary["context"]["pixel_size_um"] == pytest.approx(0.0975)
+    assert result.advice.startswith("4 of 5 frames are outside what model m was trained on")
 
 
 @pytest.fixture(scope="module")

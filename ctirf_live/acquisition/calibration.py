@@ -15,7 +15,7 @@ the plan's origin, every used position and every rejected one; a rerun plans the
 positions again, skips those, and only collects what is missing. Ctrl-C or an error
 cancels the MDA cleanly; completed pairs and the manifest stay valid.
 
-Frames are collected through an output handler (the runner's relay thread), never a
+Frames are collected through a handler on a relay thread (`acquisition.mda`), never a
 direct `frameReady` slot, so the acquisition thread is not slowed and no Qt event loop
 is needed. The shutter is kept open from EPI to TIRF at each position (useq
 `keep_shutter_open_across=("c",)`): one opening per field, closed for stage moves.
@@ -46,6 +46,7 @@ from pymmcore_plus import CMMCorePlus
 from scipy import ndimage
 
 from ctirf_live.acquisition.core import RigInfo, active_optics, current_objective, set_objective
+from ctirf_live.acquisition.mda import run_mda
 from ctirf_live.acquisition.registration import (
     DEFAULT_MAX_SHIFT_PX,
     Registration,
@@ -838,7 +839,7 @@ class _Feed:
 
 
 class _Frames:
-    """Output handler: queues frames for the calibration loop (runs on the relay thread)."""
+    """MDA handler: queues frames for the calibration loop (runs on the relay thread)."""
 
     def __init__(self) -> None:
         self.queue: queue.Queue[tuple[np.ndarray, useq.MDAEvent, dict]] = queue.Queue()
@@ -872,7 +873,7 @@ class _MDAThread:
 
     def _run(self) -> None:
         try:
-            self.core.mda.run(self.feed, output=self.frames)
+            run_mda(self.core, self.feed, handlers=[self.frames])
         except BaseException as exc:  # re-raised on the calling thread by wait_position
             self.error = exc
 

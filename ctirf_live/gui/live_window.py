@@ -48,6 +48,7 @@ from qtpy.QtWidgets import (
 )
 
 from ctirf_live.acquisition.core import RigInfo, active_optics
+from ctirf_live.acquisition.mda import run_mda
 from ctirf_live.config import EPI_PRESET, ILLUMINATION_GROUP
 from ctirf_live.gui import collector
 from ctirf_live.gui.buffers import (
@@ -913,7 +914,14 @@ class LiveWindow(QMainWindow):
             elif self._writer_set:
                 self.processor.result_writer = None  # this run is not saved
             self._start_run("mda", sequence)
-            self._worker = self.core.run_mda(sequence, output=[*outputs, self.processor])
+            if self.core.mda.is_running():
+                raise ValueError("another MDA is still running; wait for it or stop it")
+            self._worker = threading.Thread(
+                target=run_mda, args=(self.core, sequence),
+                kwargs={"handlers": [self.processor], "sinks": outputs},
+                name="ctirf-window-mda", daemon=True,
+            )
+            self._worker.start()
         except Exception as exc:
             self._mode = "idle"
             self._report_error(f"could not run the sequence: {exc}")

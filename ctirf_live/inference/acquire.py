@@ -2,7 +2,8 @@
 
 `acquire` runs a useq sequence (as pymmcore-widgets saves it) on a loaded core with two
 outputs: pymmcore-plus's own raw sink (`DIR/raw.ome.tiff|zarr`) and a `LiveProcessor`
-writing `DIR/ctirf.ome.tiff|zarr` (several positions in OME-TIFF: `DIR/raw/raw_p000.ome.tiff`
+(called on the acquisition thread: `acquisition.mda.run_mda`) writing
+`DIR/ctirf.ome.tiff|zarr` (several positions in OME-TIFF: `DIR/raw/raw_p000.ome.tiff`
 and `DIR/ctirf/ctirf_p000.ome.tiff`, ...); `DIR/summary.json` records what happened (status
 `running` while the run goes on, so a killed run is recognisable). The MDA runs on its
 own thread, so Ctrl-C in the caller cancels it cleanly: the caller waits for the MDA's
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import useq
 
 from ctirf_live import __version__
+from ctirf_live.acquisition.mda import run_mda
 from ctirf_live.config import (
     EPI_PRESET,
     ILLUMINATION_GROUP,
@@ -239,6 +241,7 @@ def acquire(
     ctirf_dtype: str = "float32",
     ctirf_scale: float | None = None,
     optics: Optics | None = None,
+    focus_reference_um: float | None = None,
 ) -> AcquireResult:
     """Run `sequence` with raw + cTIRF storage; returns the result (and writes summary.json).
 
@@ -257,6 +260,8 @@ def acquire(
     `optics`: what the rig images with (`select_objective`), recorded in both stores'
     OME metadata (objective, channel modes, wavelengths); default the model's optics,
     which `check_model_optics` requires to match the rig, at the core's pixel size.
+    `focus_reference_um`: the coverslip's stage focus (Z, um), against which the monitor
+    checks each frame's focus (default: the focus when the run starts).
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -290,6 +295,7 @@ def acquire(
         space_check=budget.allows,
         consistency=consistency,
         threads=threads,
+        focus_reference_um=focus_reference_um,
     )
     budget.frames_done = lambda: processor.frames_received
     processor.warm_up((height, width))
@@ -298,7 +304,7 @@ def acquire(
     atomic_write_json(summary_path, _running_summary(sequence, restorer, policy, fmt, raw_path))
     processor.start()
     try:
-        run = _run_mda(core, sequence, [str(raw_path), processor], overwrite, processor,
+        run = _run_mda(core, sequence, [str(raw_path)], overwrite, processor,
                        expected, report, budget)
         if run.failure is None and (not run.canceled or policy == "record"):
             _drain(processor, expected, report, "finishing" if run.canceled else "processing")
@@ -390,7 +396,7 @@ class _Run:
 def _run_mda(
     core: CMMCorePlus,
     sequence: useq.MDASequence,
-    outputs: list[Any],
+    sinks: list[Any],
     overwrite: bool,
     processor: LiveProcessor,
     expected: int,
@@ -409,7 +415,7 @@ def _run_mda(
 
     def target() -> None:
         try:
-            core.mda.run(sequence, output=outputs, overwrite=overwrite)
+            run_mda(core, sequence, handlers=[processor], sinks=sinks, overwrite=overwrite)
         except BaseException as exc:  # reported to the caller after the run ends
             failure.append(exc)
         finally:

@@ -1,6 +1,6 @@
 """The live processor's own bounded work queue, and z-stack assembly.
 
-pymmcore-plus relays frames to output handlers through an unbounded queue, so a slow
+Frames reach the processor through an unbounded relay queue (`acquisition.mda`), so a slow
 model would make memory grow without limit. `Backlog` bounds what waits in memory:
 
 - `preview`: newest wins. A new item replaces the items still waiting; the replaced
@@ -45,6 +45,7 @@ class WorkItem:
     t_arrival: float
     n_frames: int = 1
     path: Path | None = None
+    z_um: tuple[float | None, ...] = ()  # each plane's stage focus, where known
 
     def load(self) -> np.ndarray:
         """The pixels, read back (and the spill file removed) if the item was spilled."""
@@ -224,7 +225,7 @@ class StackAssembler:
     """Collects the planes of each z-stack, keyed by the event index without `z`."""
 
     def __init__(self) -> None:
-        self._groups: dict[Hashable, dict[int, tuple[np.ndarray, Any, float]]] = {}
+        self._groups: dict[Hashable, dict[int, tuple[np.ndarray, Any, float, float | None]]] = {}
 
     @staticmethod
     def key(index: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -232,19 +233,27 @@ class StackAssembler:
         return tuple(sorted((k, int(v)) for k, v in index.items() if k != "z"))
 
     def add(
-        self, index: Mapping[str, int], frame: np.ndarray, event: Any, t: float, planes: int
+        self,
+        index: Mapping[str, int],
+        frame: np.ndarray,
+        event: Any,
+        t: float,
+        planes: int,
+        z_um: float | None = None,
     ) -> WorkItem | None:
-        """Add a plane; returns the whole stack as a work item once `planes` have arrived."""
+        """Add a plane (`z_um`: its stage focus, if known); returns the whole stack as a
+        work item once `planes` have arrived."""
         key = self.key(index)
         group = self._groups.setdefault(key, {})
-        group[int(index.get("z", 0))] = (frame, event, t)
+        group[int(index.get("z", 0))] = (frame, event, t, z_um)
         if len(group) < planes:
             return None
         del self._groups[key]
         order = sorted(group)
         stack = np.stack([group[z][0] for z in order])
-        _, last_event, t_last = max(group.values(), key=lambda v: v[2])
-        return WorkItem(stack, dict(key), last_event, t_last, n_frames=len(order))
+        _, last_event, t_last, _ = max(group.values(), key=lambda v: v[2])
+        focus = tuple(group[z][3] for z in order)
+        return WorkItem(stack, dict(key), last_event, t_last, n_frames=len(order), z_um=focus)
 
     @property
     def pending_frames(self) -> int:

@@ -21,6 +21,14 @@ normalised scale:
 The noise scores need pixels finer than Nyquist (a band beyond the cut-off); with
 coarser pixels they are NaN and not judged.
 
+Two facts of the acquisition are checked as well, calibrated or not, because no image
+score can see them: a frame focused away from the coverslip through a thick specimen is
+a sharp image of another layer, which x^ explains as well as an in-focus one. A plane is
+flagged when its stage focus lies more than the model's depth of field (lambda n / NA^2)
+from the run's reference focus (`focus_offset_um`; for a 3D model, the stack's lowest
+plane), or when the rig's pixel size differs from the model's by more than 5% (another
+objective or camera; the checkpoint of a fine-tuned model records its rig's).
+
 A checkpoint carries each score's percentiles on validation frames (`calibrate`, stored
 under the metadata key "consistency"). Live, a plane beyond the calibrated p99 (the
 `quantile`; two-sided for `g_unexplained` and `in_focus`), widened by `widen` times the
@@ -64,6 +72,8 @@ OUT_OF_BAND = 1.1
 MIN_OUT_OF_BAND = 0.05  # below this share of the spectrum the noise floor is not measurable
 PARTS = ("ctirf", "recon", "g")
 INDEX_KEYS = ("series", "plane", "p", "g", "t", "c", "z")  # columns of the sidecar
+CONTEXT = ("focus_offset_um",)  # per-plane facts of the acquisition, in the sidecar too
+PIXEL_TOLERANCE = 0.05
 
 
 @dataclass
@@ -76,6 +86,7 @@ class Consistency:
     band_misfit: float = math.nan
     g_unexplained: float = math.nan
     in_focus: float = math.nan
+    focus_offset_um: float = math.nan
     flagged: bool | None = None
     reason: str = ""
 
@@ -250,6 +261,33 @@ def judge(result: Consistency, bounds: Mapping[str, tuple[float, float]]) -> Con
     return result
 
 
+def focus_tolerance_um(optics: Optics) -> float:
+    """The depth of field lambda n / NA^2 (um): how far from the focus the model was
+    trained at a frame may be focused before it shows another layer of the specimen."""
+    return optics.wavelength_um * optics.immersion_index / optics.na**2
+
+
+def context_reasons(
+    optics: Optics, focus_offset_um: float | None, pixel_size_um: float | None
+) -> list[str]:
+    """Why a plane is outside what a model of `optics` was trained on, from the
+    acquisition alone: focus away from the reference, another pixel size."""
+    reasons = []
+    if focus_offset_um is not None and math.isfinite(focus_offset_um):
+        tolerance = focus_tolerance_um(optics)
+        if abs(focus_offset_um) > tolerance:
+            reasons.append(
+                f"focus {focus_offset_um:+.2f} um from the reference (depth of field "
+                f"{tolerance:.2f} um)"
+            )
+    if pixel_size_um and abs(pixel_size_um / optics.pixel_size_um - 1) > PIXEL_TOLERANCE:
+        reasons.append(
+            f"pixel {pixel_size_um * 1000:.1f} nm, model trained at "
+            f"{optics.pixel_size_um * 1000:.1f} nm"
+        )
+    return reasons
+
+
 @dataclass
 class Scored:
     """A restored frame or stack with one `Consistency` per plane."""
@@ -284,6 +322,10 @@ class ConsistencyMonitor:
         self.calibration = dict(chosen or {})
         self.quantile, self.widen = float(quantile), float(widen)
         self.bounds = limits(self.calibration, self.quantile, self.widen)
+        # the acquisition's facts, set per run: the data's pixel size and the focus
+        # (stage Z, um) the model's frames belong at; None: not checked
+        self.pixel_size_um: float | None = None
+        self.focus_reference_um: float | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -294,21 +336,50 @@ class ConsistencyMonitor:
         path = self.restorer.metadata.get("path")
         return Path(path).stem if path else self.restorer.model.name
 
-    def verdicts(self, scores: np.ndarray) -> list[Consistency]:
-        """One judged `Consistency` per row of a (P, len(SCORES)) score array."""
+    @property
+    def checks_context(self) -> bool:
+        """Whether a pixel size or a reference focus is known to check planes against."""
+        return self.pixel_size_um is not None or self.focus_reference_um is not None
+
+    def focus_offsets(self, focus_um: Sequence[float | None] | None, planes: int) -> list[float]:
+        """Each plane's focus minus the reference (NaN where unknown); the planes of a
+        3D model's stack are placed by its lowest plane, since the stack spans depth."""
+        known = [math.nan if z is None else float(z) for z in (focus_um or [])]
+        if self.focus_reference_um is None or len(known) != planes:
+            return [math.nan] * planes
+        if self.restorer.dims == 3 and planes > 1:
+            known = [min(known)] * planes
+        return [z - self.focus_reference_um for z in known]
+
+    def verdicts(
+        self, scores: np.ndarray, focus_um: Sequence[float | None] | None = None
+    ) -> list[Consistency]:
+        """One judged `Consistency` per row of a (P, len(SCORES)) score array; `focus_um`:
+        each plane's stage focus, checked against `focus_reference_um`."""
         rows = [Consistency.from_row(r) for r in np.atleast_2d(scores)]
-        if self.calibrated:
-            for row in rows:
+        offsets = self.focus_offsets(focus_um, len(rows))
+        for row, offset in zip(rows, offsets, strict=True):
+            row.focus_offset_um = offset
+            if self.calibrated:
                 judge(row, self.bounds)
+            reasons = context_reasons(self.restorer.optics, offset, self.pixel_size_um)
+            if reasons:  # flagged even when uncalibrated: these need no calibration
+                row.flagged = True
+                row.reason = "; ".join(r for r in (row.reason, *reasons) if r)
         return rows
 
-    def restore(self, image: np.ndarray) -> Scored:
-        """Restore a frame, series or stack (numpy, input scale) and score every plane."""
+    def restore(
+        self, image: np.ndarray, focus_um: Sequence[float | None] | None = None
+    ) -> Scored:
+        """Restore a frame, series or stack (numpy, input scale) and score every plane
+        (`focus_um`: each plane's stage focus, if known)."""
         arr = self.restorer._check(image)
         x = torch.from_numpy(np.ascontiguousarray(arr, np.float32)).to(self.restorer.device)
         ctirf, scores, residual = restore_scored(self.restorer, x)
         return Scored(
-            ctirf.cpu().numpy(), self.verdicts(scores.cpu().numpy()), residual.cpu().numpy()
+            ctirf.cpu().numpy(),
+            self.verdicts(scores.cpu().numpy(), focus_um),
+            residual.cpu().numpy(),
         )
 
 
@@ -426,17 +497,25 @@ class ConsistencyLog:
             values = values[np.isfinite(values)]
             medians[name] = float(np.median(values)) if values.size else None
         m = self.monitor
+        judged = m.calibrated or flagged > 0
+        optics = m.restorer.optics
         return {
             "model": m.model_name,
             "calibrated": m.calibrated,
             "quantile": m.quantile,
             "widen": m.widen,
             "limits": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in m.bounds.items()},
+            "context": {
+                "pixel_size_um": m.pixel_size_um,
+                "model_pixel_size_um": optics.pixel_size_um,
+                "focus_reference_um": m.focus_reference_um,
+                "focus_tolerance_um": round(focus_tolerance_um(optics), 4),
+            },
             "frames": len(rows),
-            "flagged": flagged if m.calibrated else None,
-            "flagged_fraction": round(flagged / len(rows), 4) if rows and m.calibrated else None,
+            "flagged": flagged if judged else None,
+            "flagged_fraction": round(flagged / len(rows), 4) if rows and judged else None,
             "median": medians,
-            "advice": advice(flagged, len(rows), m.model_name) if m.calibrated else "",
+            "advice": advice(flagged, len(rows), m.model_name) if judged else "",
         }
 
     def per_frame(self, start: int = 0) -> dict[str, list[Any]]:
@@ -444,7 +523,7 @@ class ConsistencyLog:
         rows = self._since(start)
         keys = [k for k in INDEX_KEYS if any(k in r.index for r in rows)]
         out: dict[str, list[Any]] = {k: [r.index.get(k, 0) for r in rows] for k in keys}
-        for name in SCORES:
+        for name in (*SCORES, *CONTEXT):
             out[name] = [_finite(round(getattr(r.scores, name), 6)) for r in rows]
         out["flagged"] = [r.scores.flagged for r in rows]
         return out
@@ -455,11 +534,11 @@ class ConsistencyLog:
         keys = [k for k in INDEX_KEYS if any(k in r.index for r in rows)] or ["frame"]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([*keys, *SCORES, "flagged", "reason"])
+        writer.writerow([*keys, *SCORES, *CONTEXT, "flagged", "reason"])
         for i, r in enumerate(rows):
             index = [r.index.get(k, i if k == "frame" else 0) for k in keys]
             flagged = "" if r.scores.flagged is None else int(r.scores.flagged)
-            values = [f"{getattr(r.scores, name):.6g}" for name in SCORES]
+            values = [f"{getattr(r.scores, name):.6g}" for name in (*SCORES, *CONTEXT)]
             writer.writerow([*index, *values, flagged, r.scores.reason])
         return buffer.getvalue()
 

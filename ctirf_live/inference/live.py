@@ -1,15 +1,19 @@
 """`LiveProcessor`: cTIRF in the acquisition loop, without ever slowing the acquisition.
 
-Use it as a pymmcore-plus output handler::
+Use it as a frame handler of an MDA::
 
     processor = LiveProcessor(Restorer("model.safetensors"), policy="record",
                               result_writer=OmeTiffResultWriter("out/ctirf.ome.tiff"))
     with processor:
-        core.mda.run(sequence, output=["out/raw.ome.tiff", processor])
+        run_mda(core, sequence, handlers=[processor], sinks=["out/raw.ome.tiff"])
         processor.wait_until_idle()
 
-How it stays out of the way: pymmcore-plus calls `frameReady` on its relay thread, not
-the acquisition thread. `frameReady` only files the frame (preview: newest wins; record:
+(`ctirf_live.acquisition.mda.run_mda`; `core.mda.run(sequence, output=[..., processor])`
+works too, through pymmcore-plus's relay thread, but in a Qt application that relay is
+started and fed through the GUI thread: see that module.)
+
+How it stays out of the way: `frameReady` is called on the acquisition thread and
+only files the frame (preview: newest wins; record:
 bounded memory, then spill files, see `backlog.py`); one worker thread runs the model
 (`runners.py`: CPU, or CUDA with pinned buffers and streams), stores results through a
 `ResultWriter` and emits `resultReady`. Raw frames are stored by pymmcore-plus's own
@@ -24,7 +28,7 @@ stack mode restores the planes one by one. Only frames whose channel preset is i
 `channels` are processed (frames without a channel are processed).
 
 Signals are emitted from background threads (the worker; `errorOccurred` also from the
-pymmcore-plus relay thread or the live poller). In a Qt GUI, connect with
+acquisition thread or the live poller). In a Qt GUI, connect with
 `signal.connect(slot, thread="main")` (psygnal queues the call to the main thread once
 `psygnal.qt.start_emitting_from_queue()` runs) or poll `latest()`/`stats` on a QTimer;
 slots must be quick, since they run between model calls.
@@ -33,6 +37,7 @@ slots must be quick, since they run between model calls.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -130,11 +135,15 @@ class LiveProcessor:
         space_check: Callable[[int], bool] | None = None,
         consistency: ConsistencyMonitor | bool | None = None,
         threads: int | None = None,
+        focus_reference_um: float | None = None,
     ) -> None:
         """`consistency`: a monitor, False for none, or None: one built from the model's
         own calibration whenever `restorer` is a `Restorer` (the scores come from the
         same forward pass; they are recorded beside the result store). `threads`: CPU
-        threads of the model (default `worker_threads()`: cores - 1, at least 1)."""
+        threads of the model (default `worker_threads()`: cores - 1, at least 1).
+        `focus_reference_um`: the stage focus (Z, um) the model's frames belong at, the
+        coverslip's; default: each run's focus when it starts. Frames focused farther
+        from it than the depth of field are flagged by the monitor."""
         self.restorer = restorer
         self.threads = worker_threads(threads)
         self.channels = tuple(channels)
@@ -154,6 +163,8 @@ class LiveProcessor:
         self.consistency = ConsistencyLog(consistency) if consistency else None
         self._runner.scorer = restore_scored if self.consistency else None
         self._consistency_start = 0
+        self.focus_reference_um = focus_reference_um
+        self._run_focus: float | None = None  # the stage focus when the run started
         self._latest_residual: np.ndarray | None = None
         self._assembler = StackAssembler()
         self._lock = threading.Lock()
@@ -314,7 +325,7 @@ class LiveProcessor:
     def __exit__(self, exc_type: object, *args: object) -> None:
         self.stop(wait=exc_type is None)
 
-    # -- pymmcore-plus output-handler protocol (called on the relay thread) -----------
+    # -- pymmcore-plus output-handler protocol (called on the acquisition thread) -----
 
     def sequenceStarted(self, sequence: Any, meta: Mapping[str, Any] | None = None) -> None:
         """New acquisition: remember its frame shape, open the result store, warm up."""
@@ -325,12 +336,16 @@ class LiveProcessor:
             info = infos[0]
             shape = (int(info["height"]), int(info["width"]))
             pixel = info.get("pixel_size_um")
+        self._run_focus = _number(((meta or {}).get("position") or {}).get("z"))
+        focus = self._run_focus if self.focus_reference_um is None else self.focus_reference_um
         self._expected_shape = shape
         self._sequence = sequence
         self._planes_cache.clear()
         self._assembler.clear()
         self._plane_facts = []  # a new list: the previous run's goes with its FINISH marker
-        self._enqueue_marker(START, sequence=sequence, shape=shape, pixel_size_um=pixel)
+        self._enqueue_marker(
+            START, sequence=sequence, shape=shape, pixel_size_um=pixel, focus_um=focus
+        )
 
     def frameReady(
         self, frame: np.ndarray, event: Any = None, meta: Mapping[str, Any] | None = None
@@ -338,9 +353,9 @@ class LiveProcessor:
         """File one frame for processing; returns at once, never raises."""
         t = time.perf_counter()
         try:
-            self._file_frame(frame, event, t)
+            self._file_frame(frame, event, t, z_um=_stage_z(event, meta, self._run_focus))
             self._note_plane(event, meta)
-        except Exception as exc:  # the relay thread must never see an exception
+        except Exception as exc:  # the acquisition thread must never see an exception
             self._error(f"could not queue a frame: {exc}")
 
     def sequenceFinished(self, sequence: Any = None) -> None:
@@ -412,7 +427,14 @@ class LiveProcessor:
                 self._planes_cache[key] = 1
         return self._planes_cache[key]
 
-    def _file_frame(self, frame: np.ndarray, event: Any, t: float, live: bool = False) -> None:
+    def _file_frame(
+        self,
+        frame: np.ndarray,
+        event: Any,
+        t: float,
+        live: bool = False,
+        z_um: float | None = None,
+    ) -> None:
         if event is not None and not self._wants(event):
             self._count("ignored", 1)
             return
@@ -441,14 +463,14 @@ class LiveProcessor:
                 return
             if self.restorer.dims == 3 and not self._stack_checked(planes, event):
                 return
-            item = self._assembler.add(index, frame, event, t, planes)
+            item = self._assembler.add(index, frame, event, t, planes, z_um)
             if item is None:
                 return
         elif self.restorer.dims == 3:
             self._error("ET3dNet needs z-stacks; live frames are shown raw only")
             return
         else:
-            item = WorkItem(frame, index, event, t)
+            item = WorkItem(frame, index, event, t, z_um=(z_um,))
         self._put(item)
 
     def _stack_checked(self, planes: int, event: Any) -> bool:
@@ -563,7 +585,8 @@ class LiveProcessor:
             if isinstance(result, tuple):  # with the consistency monitor
                 result, scores, residual = result
                 assert self.consistency is not None
-                self.consistency.add(item.index, self.consistency.monitor.verdicts(scores))
+                verdicts = self.consistency.monitor.verdicts(scores, item.z_um)
+                self.consistency.add(item.index, verdicts)
                 self._latest_residual = residual
             checked = getattr(self._runner, "checks_finite", False)  # on the GPU already
             if not checked and not np.isfinite(result).all():
@@ -599,6 +622,10 @@ class LiveProcessor:
     def _handle_marker(self, marker: Marker) -> bool:
         if marker.kind == START:
             self._close_writer()
+            if self.consistency is not None:  # the run's facts the monitor checks
+                monitor = self.consistency.monitor
+                monitor.pixel_size_um = _number(marker.payload.get("pixel_size_um"))
+                monitor.focus_reference_um = _number(marker.payload.get("focus_um"))
             shape = marker.payload.get("shape")
             if self.warmup and shape:
                 try:
@@ -714,6 +741,23 @@ def _lower_thread_priority(step: int = WORKER_NICENESS) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(current + step, 19))
     except OSError as exc:
         log.debug("could not lower the worker's priority: %s", exc)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (missing, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _stage_z(event: Any, meta: Mapping[str, Any] | None, run_focus: float | None) -> float | None:
+    """A frame's focus (um): the stage's as recorded with the frame, else the event's
+    target, else (an event that moves no focus, in a hardware-sequenced burst whose
+    frames carry no position) the focus the run started at."""
+    z = _number(((meta or {}).get("position") or {}).get("z"))
+    if z is None:
+        z = _number(getattr(event, "z_pos", None))
+    return run_focus if z is None else z
 
 
 def _describe(exc: BaseException) -> str:

@@ -228,6 +228,8 @@ def process_file(
     log_ = ConsistencyLog(consistency) if consistency else None
     results = []
     for i, job in enumerate(jobs):
+        if log_ is not None:  # the file's pixel size, checked against the model's
+            log_.monitor.pixel_size_um = job.series.info.pixel_size_um or None
         results.append(process_array(job.data, job.axes, restorer, step, log_, i))
         done += _planes(job, restorer.dims)
     summary = None
