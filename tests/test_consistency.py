@@ -12,8 +12,10 @@ import useq
 
 from ctirf_live.config import Optics
 from ctirf_live.inference.consistency import (
+    IMAGE_SCORES,
     METADATA_KEY,
     SCORES,
+    SPECTRUM_BANDS,
     Consistency,
     ConsistencyMonitor,
     advice,
@@ -31,6 +33,7 @@ from ctirf_live.models.etnet import ET2dNet, load_model, save_model
 from ctirf_live.optics.forward import fft_convolve
 from ctirf_live.optics.psf import psf_2d
 
+WIDTH = len(IMAGE_SCORES) + SPECTRUM_BANDS  # a row of plane_scores
 CALIBRATION = {
     "frames": 10,
     "residual": {"p1": 0.05, "p50": 0.1, "p99": 0.2},
@@ -94,6 +97,28 @@ def test_limits_judge_each_score_on_its_side_and_say_why() -> None:
     )
 
 
+def test_the_spectrum_tells_another_kind_of_specimen(tiny_path: Path) -> None:
+    """Calibrated on puncta frames: another puncta frame is near their spectrum; broad
+    haze (nothing sharp) and pure noise (nothing above the floor) are far from it."""
+    restorer = Restorer(tiny_path, device="cpu")
+    calib = calibrate(restorer, [_scene(i, 128)[0] for i in range(8)], "puncta")
+    reference = calib["spectrum_reference"]
+    assert len(reference["mean"]) == len(reference["std"]) == SPECTRUM_BANDS
+    monitor = ConsistencyMonitor(restorer, calib)
+    limit = monitor.bounds["spectrum"][1]
+    same = monitor.restore(_scene(20, 128)[0]).planes[0]
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:128, :128]
+    haze = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 15.0**2))
+               for cy, cx in rng.uniform(0, 128, (6, 2)))
+    haze = rng.poisson(400 * (0.2 + haze / haze.max())).astype(np.float32)
+    noise = rng.poisson(300, (128, 128)).astype(np.float32)
+    far = [monitor.restore(f).planes[0] for f in (haze, noise)]
+    assert same.spectrum < limit and not same.flagged
+    assert all(p.spectrum > limit + 1.0 and "spectrum" in p.reason for p in far)
+    assert far[1].spectrum > 2 * limit  # noise: no structure above the floor at all
+
+
 def test_focus_away_from_the_reference_and_another_pixel_size_flag_without_calibration(
 ) -> None:
     """No image score can see these; the acquisition's facts can, calibrated or not."""
@@ -103,7 +128,7 @@ def test_focus_away_from_the_reference_and_another_pixel_size_flag_without_calib
     assert focus_tolerance_um(optics) == pytest.approx(0.670 * 1.518 / 1.5**2)
     model = SimpleNamespace(dims=2, optics=optics, metadata={}, model=SimpleNamespace(name="m"))
     monitor = ConsistencyMonitor(model, calibration={})  # type: ignore[arg-type]
-    row = np.zeros((1, len(SCORES)))
+    row = np.zeros((1, WIDTH))
     assert monitor.verdicts(row, [2.0])[0].flagged is None  # no reference: not checked
     monitor.focus_reference_um = 10.0
     near, far, unknown = (monitor.verdicts(row, [z])[0] for z in (10.3, 8.5, None))
@@ -117,10 +142,10 @@ def test_focus_away_from_the_reference_and_another_pixel_size_flag_without_calib
     # a 3D model's stack spans depth: its planes are placed by the lowest one
     model.dims = 3
     monitor.pixel_size_um = None
-    stack = monitor.verdicts(np.zeros((3, len(SCORES))), [10.0, 10.2, 10.4])
+    stack = monitor.verdicts(np.zeros((3, WIDTH)), [10.0, 10.2, 10.4])
     assert [p.flagged for p in stack] == [None] * 3
     assert all(p.focus_offset_um == 0.0 for p in stack)
-    high = monitor.verdicts(np.zeros((3, len(SCORES))), [11.0, 11.2, 11.4])
+    high = monitor.verdicts(np.zeros((3, WIDTH)), [11.0, 11.2, 11.4])
     assert all(p.flagged and "focus +1.00 um" in p.reason for p in high)
 
 

@@ -108,3 +108,30 @@ def test_demo_time_lapse_runs_through_et3dnet(tmp_path: Path, tiny_60x: Path) ->
     report = run_demo(options, step=lines.append)
     assert report.acquisition["model"]["architecture"]["name"] == "ET2dNet"
     assert any("z step" in note for note in report.notes)
+
+
+def test_the_monitor_flags_a_new_rig_until_the_model_is_fine_tuned_for_it(
+    tmp_path: Path,
+) -> None:
+    """The demo's before/after line: the shipped 60X model on the 100X rig is flagged on
+    every frame (another pixel size); a model adapted to that rig (its optics, and a
+    calibration on that rig's frames, as `ctirf finetune` records) is not."""
+    from ctirf_live.data.loaders import PairSource
+    from ctirf_live.demo import consistency_line, flagged_before_after
+    from ctirf_live.inference.consistency import calibrate, record_calibration
+    from ctirf_live.inference.restorer import Restorer
+    from ctirf_live.models.etnet import load_model
+
+    torch.set_num_threads(2)
+    rig = PairSource.synthetic(8, "100X", seed=5, roi=160, progress=False)
+    model, _ = load_model("et2dnet_s0_60x_sim")
+    model.set_optics(rig.optics)
+    tuned = save_model(model, tmp_path / "tuned.safetensors")
+    frames = [p.epi for p in rig.pairs]
+    record_calibration(tuned, calibrate(Restorer(tuned, device="cpu"), frames[:6], "rig"))
+    held_out = PairSource(rig.pairs[6:], rig.optics, "held out")
+    counts = flagged_before_after("et2dnet_s0_60x_sim", tuned, held_out)
+    assert counts["before"] == 2 and counts["after"] < 2
+    assert counts["after"] == counts["image_after"]  # the adapted model fits the rig
+    line = consistency_line(counts)
+    assert "2 of 2 held-out frames of this rig flagged before" in line and "drops" in line

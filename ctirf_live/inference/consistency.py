@@ -5,7 +5,9 @@ frame (every plane of a stack) gets these scores, computed on the model's device
 the one forward pass that makes the cTIRF (no second network pass), on the network's
 normalised scale:
 
-- `ms_ssim`: 1 - MS-SSIM(x^, x), the structural term of the self-supervised loss;
+- `ms_ssim`: 1 - MS-SSIM(x^, x), the structural term of the self-supervised loss, over
+  the frame's central `MSSSIM_WINDOW` px square (the whole frame when smaller): on the
+  whole of a 512 px frame it cost 60 of the scores' 72 ms, 8% of the forward on a CPU;
 - `residual`: mean((x^ - x)^2) / var(x), the share of the frame's variance left
   unexplained (~1 for pure noise);
 - `noise_ratio`: mean((x^ - x)^2 / sigma^2), the residual energy relative to the
@@ -16,10 +18,16 @@ normalised scale:
   noise power per frequency out of band (structure the model failed to explain);
 - `g_unexplained`: share of the pseudo-GT g's (non-DC) energy beyond the cut-off, which
   the PSF cannot transmit (detail the data cannot support: foreign content, defocus);
-- `in_focus`: mean(cTIRF) / mean(x^), the share of light given to the in-focus branch.
+- `in_focus`: mean(cTIRF) / mean(x^), the share of light given to the in-focus branch;
+- `spectrum`: how unlike the calibration frames the measured EPI's spectrum is in shape:
+  its log power in `SPECTRUM_BANDS` rings of the passband relative to the noise floor
+  beyond the cut-off (what kind of specimen, at what signal, independent of brightness),
+  as the RMS of the z-scores against the calibration frames' mean and spread per ring.
+  Filaments, membranes and tissue fall off with frequency in their own way; sparse
+  beads are flat under the OTF, pure noise has nothing above the floor.
 
-The noise scores need pixels finer than Nyquist (a band beyond the cut-off); with
-coarser pixels they are NaN and not judged.
+The noise scores and `spectrum` need pixels finer than Nyquist (a band beyond the
+cut-off); with coarser pixels they are NaN and not judged.
 
 Two facts of the acquisition are checked as well, calibrated or not, because no image
 score can see them: a frame focused away from the coverslip through a thick specimen is
@@ -40,6 +48,7 @@ and the `<store>.consistency.csv` sidecar of a cTIRF store.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import threading
@@ -58,8 +67,15 @@ from ctirf_live.inference.runners import forward_parts
 from ctirf_live.training.losses import structural_similarity
 
 METADATA_KEY = "consistency"
-CALIBRATION_VERSION = 2
-SCORES = ("ms_ssim", "residual", "noise_ratio", "band_misfit", "g_unexplained", "in_focus")
+CALIBRATION_VERSION = 3
+# computed by `plane_scores` on the device; `spectrum` from its ring powers and the
+# calibration's reference (`spectrum_distance`)
+IMAGE_SCORES = ("ms_ssim", "residual", "noise_ratio", "band_misfit", "g_unexplained", "in_focus")
+SCORES = (*IMAGE_SCORES, "spectrum")
+SPECTRUM_BANDS = 8
+MSSSIM_WINDOW = 256  # px: the side of the central square `ms_ssim` is taken over
+SPECTRUM_RANGE = (0.05, 0.9)  # the rings' span, as fractions of the cut-off
+MIN_SPREAD = 0.05  # smallest spread of a ring's log power (keeps z-scores finite)
 TWO_SIDED = frozenset({"g_unexplained", "in_focus"})
 QUANTILES = (0.5, 1.0, 2.5, 5.0, 25.0, 50.0, 75.0, 95.0, 97.5, 99.0, 99.5)
 DEFAULT_QUANTILE = 99.0
@@ -86,13 +102,20 @@ class Consistency:
     band_misfit: float = math.nan
     g_unexplained: float = math.nan
     in_focus: float = math.nan
+    spectrum: float = math.nan
     focus_offset_um: float = math.nan
     flagged: bool | None = None
     reason: str = ""
 
     @classmethod
-    def from_row(cls, row: Sequence[float]) -> Consistency:
-        return cls(**{name: float(v) for name, v in zip(SCORES, row, strict=True)})
+    def from_row(
+        cls, row: Sequence[float], reference: Mapping[str, Any] | None = None
+    ) -> Consistency:
+        """From a row of `plane_scores` (the image scores, then the ring powers); the
+        `spectrum` score needs the calibration's `reference`."""
+        n = len(IMAGE_SCORES)
+        values = {name: float(v) for name, v in zip(IMAGE_SCORES, row[:n], strict=True)}
+        return cls(**values, spectrum=spectrum_distance(row[n:], reference))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,18 +147,53 @@ def _bands(
     return in_band, out_band, beyond, share
 
 
+@functools.lru_cache(maxsize=16)
+def _rings(shape: tuple[int, int], optics: Optics, device: torch.device) -> torch.Tensor:
+    """(rows * cols, SPECTRUM_BANDS): each ring's mean over the rfft2 half-spectrum as a
+    matrix (equal-width rings spanning `SPECTRUM_RANGE` of the cut-off; a column of
+    zeros where a ring holds no frequency, on frames too small)."""
+    ny, nx = shape
+    cutoff = 2 * optics.na / optics.wavelength_um * optics.pixel_size_um
+    fy = torch.fft.fftfreq(ny, device=device)[:, None]
+    fx = torch.fft.rfftfreq(nx, device=device)[None, :]
+    radius = (torch.sqrt(fy**2 + fx**2) / cutoff).reshape(-1, 1)
+    edges = torch.linspace(*SPECTRUM_RANGE, SPECTRUM_BANDS + 1, device=device)
+    masks = ((radius >= edges[:-1]) & (radius < edges[1:])).float()
+    return masks / masks.sum(0).clamp_min(1.0)
+
+
+def spectrum_distance(bands: Sequence[float], reference: Mapping[str, Any] | None) -> float:
+    """RMS z-score of a plane's ring powers against the calibration's (NaN when there
+    is no reference or a ring is not measurable)."""
+    if not reference or len(bands) != SPECTRUM_BANDS:
+        return math.nan
+    mean = np.asarray(reference["mean"], np.float64)
+    spread = np.maximum(np.asarray(reference["std"], np.float64), MIN_SPREAD)
+    z = (np.asarray(bands, np.float64) - mean) / spread
+    return float(np.sqrt(np.mean(z**2))) if np.isfinite(z).all() else math.nan
+
+
 def plane_scores(
-    x: torch.Tensor, ctirf: torch.Tensor, recon: torch.Tensor, g: torch.Tensor, optics: Optics
+    x: torch.Tensor,
+    ctirf: torch.Tensor,
+    recon: torch.Tensor,
+    g: torch.Tensor,
+    optics: Optics,
+    raw: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scores (P, len(SCORES)) of P planes: normalised EPI x, the network's cTIRF,
-    reconstruction x^ and pseudo-GT g, each (P, Y, X), on any device."""
+    """The image scores and ring powers (P, len(IMAGE_SCORES) + SPECTRUM_BANDS) of P
+    planes: normalised EPI x, the network's cTIRF, reconstruction x^ and pseudo-GT g,
+    each (P, Y, X), on any device. The ring powers come from `raw`, the EPI before the
+    normalisation clipped its brightest pixels (default x): clipped, sparse bright
+    specimens (beads) lose the spectrum that tells them apart."""
     x, ctirf, recon, g = (t.float() for t in (x, ctirf, recon, g))
     planes, ny, nx = x.shape
     n = ny * nx
     res = recon - x
     flat = (planes, -1)
     residual = res.square().reshape(flat).mean(1) / x.reshape(flat).var(1).clamp_min(1e-12)
-    ms = 1.0 - structural_similarity(recon[:, None], x[:, None])
+    rows, cols = _central(ny, nx)
+    ms = 1.0 - structural_similarity(recon[:, None, rows, cols], x[:, None, rows, cols])
     in_focus = ctirf.reshape(flat).mean(1) / recon.reshape(flat).mean(1).clamp_min(1e-12)
 
     in_band, out_band, beyond, share = _bands((ny, nx), optics, x.device)
@@ -148,6 +206,7 @@ def plane_scores(
         1e-20
     )
     nan = torch.full((planes,), math.nan, device=x.device)
+    rings = torch.full((planes, SPECTRUM_BANDS), math.nan, device=x.device)
     if share < MIN_OUT_OF_BAND:
         noise_ratio = band_misfit = nan
     else:
@@ -156,8 +215,30 @@ def plane_scores(
         band_misfit = (spec_r.abs().square() * in_band).sum((1, 2)) / in_band.sum() / n
         band_misfit = band_misfit / floor.clamp_min(1e-20)
         noise_ratio = _noise_ratio(x, recon, res, spec_x, out_band, share)
+        rings = _ring_powers(x if raw is None else raw.float(), out_band, optics)
     scores = torch.stack([ms, residual, noise_ratio, band_misfit, g_unexplained, in_focus], 1)
-    return scores
+    return torch.cat([scores, rings], 1)
+
+
+def _central(ny: int, nx: int) -> tuple[slice, slice]:
+    """The central `MSSSIM_WINDOW`-px square of a (ny, nx) frame (all of a smaller side)."""
+
+    def cut(n: int) -> slice:
+        start = max((n - MSSSIM_WINDOW) // 2, 0)
+        return slice(start, start + min(n, MSSSIM_WINDOW))
+
+    return cut(ny), cut(nx)
+
+
+def _ring_powers(x: torch.Tensor, out_band: torch.Tensor, optics: Optics) -> torch.Tensor:
+    """log(mean power in each ring / mean power beyond the cut-off) of planes (P, Y, X);
+    NaN for a ring a frame this small does not sample."""
+    planes, ny, nx = x.shape
+    power = torch.fft.rfft2(x - x.mean((1, 2), keepdim=True)).abs().square()
+    floor = (power * out_band).sum((1, 2)) / out_band.sum()
+    ring = power.reshape(planes, -1) @ _rings((ny, nx), optics, x.device)
+    ring = torch.where(ring > 0, ring, torch.full_like(ring, math.nan))
+    return torch.log(ring / floor.clamp_min(1e-30)[:, None])
 
 
 def _noise_ratio(
@@ -190,7 +271,7 @@ def _noise_ratio(
 def restore_scored(
     restorer: Restorer, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cTIRF (input scale), scores (P, len(SCORES)) and residual map x^ - x (normalised)
+    """cTIRF (input scale), `plane_scores` rows (P, ...) and residual map x^ - x (normalised)
     of a frame `(Y, X)`, a series `(N, Y, X)` (2D net, each slice on its own) or a stack
     `(Z, Y, X)` (3D net), all on `x`'s device, from one pass of the network."""
     if restorer.dims == 2 and x.ndim == 3:
@@ -203,7 +284,8 @@ def restore_scored(
     norm, parts, scale = forward_parts(restorer, x, PARTS)  # any dtype (uint16 on GPU)
     planes = norm.reshape(-1, *norm.shape[-2:])
     ctirf, recon, g = (p.reshape(planes.shape) for p in parts)
-    scores = plane_scores(planes, ctirf, recon, g, restorer.optics)
+    raw = x.reshape(planes.shape)
+    scores = plane_scores(planes, ctirf, recon, g, restorer.optics, raw)
     return parts[0] * scale, scores, (recon - planes).reshape(norm.shape)
 
 
@@ -322,6 +404,7 @@ class ConsistencyMonitor:
         self.calibration = dict(chosen or {})
         self.quantile, self.widen = float(quantile), float(widen)
         self.bounds = limits(self.calibration, self.quantile, self.widen)
+        self.spectrum_reference = self.calibration.get("spectrum_reference")
         # the acquisition's facts, set per run: the data's pixel size and the focus
         # (stage Z, um) the model's frames belong at; None: not checked
         self.pixel_size_um: float | None = None
@@ -354,9 +437,10 @@ class ConsistencyMonitor:
     def verdicts(
         self, scores: np.ndarray, focus_um: Sequence[float | None] | None = None
     ) -> list[Consistency]:
-        """One judged `Consistency` per row of a (P, len(SCORES)) score array; `focus_um`:
-        each plane's stage focus, checked against `focus_reference_um`."""
-        rows = [Consistency.from_row(r) for r in np.atleast_2d(scores)]
+        """One judged `Consistency` per row of a `plane_scores` array; `focus_um`: each
+        plane's stage focus, checked against `focus_reference_um`."""
+        reference = self.spectrum_reference
+        rows = [Consistency.from_row(r, reference) for r in np.atleast_2d(scores)]
         offsets = self.focus_offsets(focus_um, len(rows))
         for row, offset in zip(rows, offsets, strict=True):
             row.focus_offset_um = offset
@@ -368,42 +452,61 @@ class ConsistencyMonitor:
                 row.reason = "; ".join(r for r in (row.reason, *reasons) if r)
         return rows
 
-    def restore(
-        self, image: np.ndarray, focus_um: Sequence[float | None] | None = None
-    ) -> Scored:
+    def restore(self, image: np.ndarray, focus_um: Sequence[float | None] | None = None) -> Scored:
         """Restore a frame, series or stack (numpy, input scale) and score every plane
         (`focus_um`: each plane's stage focus, if known)."""
+        ctirf, scores, residual = self.score(image)
+        return Scored(ctirf, self.verdicts(scores, focus_um), residual)
+
+    def score(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """cTIRF, `plane_scores` rows and residual map of a frame, series or stack."""
         arr = self.restorer._check(image)
         x = torch.from_numpy(np.ascontiguousarray(arr, np.float32)).to(self.restorer.device)
-        ctirf, scores, residual = restore_scored(self.restorer, x)
-        return Scored(
-            ctirf.cpu().numpy(),
-            self.verdicts(scores.cpu().numpy(), focus_um),
-            residual.cpu().numpy(),
-        )
+        return tuple(t.cpu().numpy() for t in restore_scored(self.restorer, x))  # type: ignore[return-value]
 
 
 def calibrate(
     restorer: Restorer, frames: Iterable[np.ndarray], source: str = ""
 ) -> dict[str, Any]:
     """Percentiles (`QUANTILES`) of every score over the planes of `frames`, frames like
-    the model's training data (validation frames); store it with `record_calibration`."""
+    the model's training data (validation frames), and the spectrum's reference (mean
+    and spread of each ring); store it with `record_calibration`.
+
+    The `spectrum` percentiles are of leave-one-out distances (each frame against the
+    reference of the others), so they are what a new frame of the same kind scores.
+    """
     monitor = ConsistencyMonitor(restorer, calibration={})
-    rows = [p for frame in frames for p in monitor.restore(frame).planes]
-    if len(rows) < MIN_CALIBRATION_FRAMES:
+    raw = np.concatenate([np.atleast_2d(monitor.score(frame)[1]) for frame in frames])
+    if len(raw) < MIN_CALIBRATION_FRAMES:
         raise ValueError(
             f"calibrating the consistency monitor needs >= {MIN_CALIBRATION_FRAMES} frames, "
-            f"got {len(rows)}; pass more validation frames"
+            f"got {len(raw)}; pass more validation frames"
         )
-    out: dict[str, Any] = {"version": CALIBRATION_VERSION, "frames": len(rows)}
+    out: dict[str, Any] = {"version": CALIBRATION_VERSION, "frames": len(raw)}
     if source:
         out["source"] = source
+    rows = [Consistency.from_row(r) for r in raw]
+    bands = raw[:, len(IMAGE_SCORES) :]
+    ok = np.isfinite(bands).all(1)
+    if ok.sum() >= MIN_CALIBRATION_FRAMES:
+        out["spectrum_reference"] = _reference(bands[ok])
+        for i in np.flatnonzero(ok):
+            others = ok & (np.arange(len(bands)) != i)
+            rows[i].spectrum = spectrum_distance(bands[i], _reference(bands[others]))
     for name in SCORES:
         values = np.array([getattr(r, name) for r in rows], np.float64)
         values = values[np.isfinite(values)]
         if values.size >= MIN_CALIBRATION_FRAMES:
             out[name] = {f"p{q:g}": float(np.percentile(values, q)) for q in QUANTILES}
     return out
+
+
+def _reference(bands: np.ndarray) -> dict[str, Any]:
+    return {
+        "range": list(SPECTRUM_RANGE),
+        "mean": bands.mean(0).tolist(),
+        "std": bands.std(0, ddof=1).tolist(),
+    }
 
 
 def record_calibration(checkpoint: str | Path, calibration: Mapping[str, Any]) -> Path:

@@ -89,8 +89,9 @@ class LiveStats:
     `consistency_frames` planes scored so far; `consistency_flagged` of them flagged as
     unlike the model's training data (0 while the model has no calibration);
     `consistency_last` the newest plane's scores as a dict (`ms_ssim`, `residual`,
-    `noise_ratio`, `band_misfit`, `g_unexplained`, `in_focus`, `flagged`: True/False, or
-    None when uncalibrated, `reason`), empty before the first result or when the
+    `noise_ratio`, `band_misfit`, `g_unexplained`, `in_focus`, `focus_offset_um` from the
+    run's reference focus, `flagged`: True/False, or None when uncalibrated and the
+    acquisition's facts pass, `reason`), empty before the first result or when the
     monitor is off. `LiveProcessor.latest_residual()` gives the matching residual map.
     """
 
