@@ -18,6 +18,7 @@ _EXPORTS = {
     "open_core": "ctirf_live.acquisition.core",
     "check_rig": "ctirf_live.acquisition.core",
     "calibrate": "ctirf_live.acquisition.calibration",
+    "run_mda": "ctirf_live.acquisition.mda",
     "PairedDataset": "ctirf_live.data.dataset",
     "PairSource": "ctirf_live.data.loaders",
     "ET2dNet": "ctirf_live.models.etnet",

@@ -419,11 +419,6 @@ class ConsistencyMonitor:
         path = self.restorer.metadata.get("path")
         return Path(path).stem if path else self.restorer.model.name
 
-    @property
-    def checks_context(self) -> bool:
-        """Whether a pixel size or a reference focus is known to check planes against."""
-        return self.pixel_size_um is not None or self.focus_reference_um is not None
-
     def focus_offsets(self, focus_um: Sequence[float | None] | None, planes: int) -> list[float]:
         """Each plane's focus minus the reference (NaN where unknown); the planes of a
         3D model's stack are placed by its lowest plane, since the stack spans depth."""
