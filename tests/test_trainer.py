@@ -251,3 +251,23 @@ def test_a_finished_run_drops_its_resume_state_unless_kept(
         keep_resume=True, **kwargs,
     )  # fmt: skip
     assert (tmp_path / "k" / RESUME).is_file() and len(kept.history) == 3
+
+
+def test_the_monitor_is_calibrated_on_validation_then_training_frames_and_quadrants() -> None:
+    """A few-shot run has two or three validation frames: the calibration tops them up
+    with their quadrants, then training frames and theirs, up to CALIBRATION_FRAMES."""
+    from types import SimpleNamespace
+
+    from ctirf_live.training.trainer import CALIBRATION_FRAMES, _calibration_frames
+
+    def source(n: int, side: int) -> SimpleNamespace:
+        return SimpleNamespace(pairs=[SimpleNamespace(epi=np.full((side, side), i, np.float32))
+                                      for i in range(n)])
+
+    frames, what = _calibration_frames(source(2, 512), source(18, 512), CALIBRATION_FRAMES)
+    assert len(frames) == CALIBRATION_FRAMES == 64
+    assert what == ("2 validation frames + 8 validation quadrants + 18 training frames + "
+                    "36 training quadrants")
+    assert frames[2].shape == (256, 256) and frames[10].shape == (512, 512)
+    small, what = _calibration_frames(source(3, 128), source(4, 128), CALIBRATION_FRAMES)
+    assert len(small) == 7 and what == "3 validation frames + 4 training frames"
