@@ -43,12 +43,19 @@ def test_choices_are_listed() -> None:
     assert "ome-tiff|ome-zarr" in _help("acquire")
 
 
-def test_acquire_policy_and_format_in_any_case(tmp_path: Path) -> None:
+def _acquire_args(tmp_path: Path, loops: int) -> list[str]:
+    """`ctirf acquire` of `loops` EPI frames with a tiny model, without the output."""
     torch.manual_seed(0)
     model = save_model(ET2dNet(Optics(), "tiny"), tmp_path / "tiny.safetensors")
-    seq = tmp_path / "one.yaml"
-    seq.write_text("time_plan: {interval: 0, loops: 1}\nchannels: [{config: EPI, exposure: 1}]\n")
-    args = ["acquire", "-c", str(DEMO_CFG), "-s", str(seq), "-m", str(model), "--tile", "256"]
+    seq = tmp_path / "seq.yaml"
+    seq.write_text(
+        f"time_plan: {{interval: 0, loops: {loops}}}\nchannels: [{{config: EPI, exposure: 1}}]\n"
+    )
+    return ["acquire", "-c", str(DEMO_CFG), "-s", str(seq), "-m", str(model), "--tile", "256"]
+
+
+def test_acquire_policy_and_format_in_any_case(tmp_path: Path) -> None:
+    args = _acquire_args(tmp_path, 1)
     out = tmp_path / "run"
     result = runner.invoke(
         app, [*args, "-o", str(out), "--policy", "RECORD", "--format", "OME-Zarr", "--threads", "1"]
@@ -63,11 +70,7 @@ def test_acquire_checks_the_focus_against_the_coverslip_given(tmp_path: Path) ->
     """--coverslip-z: a frame focused 2 um above it is flagged, and the table says so."""
     import json
 
-    torch.manual_seed(0)
-    model = save_model(ET2dNet(Optics(), "tiny"), tmp_path / "tiny.safetensors")
-    seq = tmp_path / "one.yaml"
-    seq.write_text("time_plan: {interval: 0, loops: 2}\nchannels: [{config: EPI, exposure: 1}]\n")
-    args = ["acquire", "-c", str(DEMO_CFG), "-s", str(seq), "-m", str(model), "--tile", "256"]
+    args = _acquire_args(tmp_path, 2)
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "run"), "--coverslip-z", "-2"])
     assert result.exit_code == 0, result.output
     assert "2 of 2 planes flagged" in result.output
