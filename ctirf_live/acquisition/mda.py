@@ -8,7 +8,7 @@ started (it is then never joined and its frames never reach the handler), and th
 call can run on the relay after it was freed, which crashed the window natively (a
 segfault in `Thread.start` from Qt's event processing, caught in a core dump). Here the
 relay is started before the run and joined after it; it is fed through Qt's
-DirectConnection (a deque append on the acquisition thread), so the handlers
+DirectConnection (a queue put on the acquisition thread), so the handlers
 (`LiveProcessor`, the calibration collector) never run on the acquisition or GUI thread.
 """
 

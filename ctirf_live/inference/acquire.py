@@ -2,7 +2,7 @@
 
 `acquire` runs a useq sequence (as pymmcore-widgets saves it) on a loaded core with two
 outputs: pymmcore-plus's own raw sink (`DIR/raw.ome.tiff|zarr`) and a `LiveProcessor`
-(called on the acquisition thread: `acquisition.mda.run_mda`) writing
+(fed by the MDA's relay thread: `acquisition.mda.run_mda`) writing
 `DIR/ctirf.ome.tiff|zarr` (several positions in OME-TIFF: `DIR/raw/raw_p000.ome.tiff`
 and `DIR/ctirf/ctirf_p000.ome.tiff`, ...); `DIR/summary.json` records what happened (status
 `running` while the run goes on, so a killed run is recognisable). The MDA runs on its

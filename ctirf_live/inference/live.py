@@ -12,9 +12,9 @@ Use it as a frame handler of an MDA::
 works too, through pymmcore-plus's relay thread, but in a Qt application that relay is
 started and fed through the GUI thread: see that module.)
 
-How it stays out of the way: `frameReady` is called on the acquisition thread and
-only files the frame (preview: newest wins; record:
-bounded memory, then spill files, see `backlog.py`); one worker thread runs the model
+How it stays out of the way: `frameReady` is called on the MDA's relay thread, never
+the acquisition thread, and only files the frame (preview: newest wins; record: bounded
+memory, then spill files, see `backlog.py`); one worker thread runs the model
 (`runners.py`: CPU, or CUDA with pinned buffers and streams), stores results through a
 `ResultWriter` and emits `resultReady`. Raw frames are stored by pymmcore-plus's own
 sink, independently, so model errors, NaN output or a full queue never cost raw data:
@@ -28,7 +28,7 @@ stack mode restores the planes one by one. Only frames whose channel preset is i
 `channels` are processed (frames without a channel are processed).
 
 Signals are emitted from background threads (the worker; `errorOccurred` also from the
-acquisition thread or the live poller). In a Qt GUI, connect with
+MDA's relay thread or the live poller). In a Qt GUI, connect with
 `signal.connect(slot, thread="main")` (psygnal queues the call to the main thread once
 `psygnal.qt.start_emitting_from_queue()` runs) or poll `latest()`/`stats` on a QTimer;
 slots must be quick, since they run between model calls.
@@ -326,7 +326,7 @@ class LiveProcessor:
     def __exit__(self, exc_type: object, *args: object) -> None:
         self.stop(wait=exc_type is None)
 
-    # -- pymmcore-plus output-handler protocol (called on the acquisition thread) -----
+    # -- pymmcore-plus output-handler protocol (called on the MDA's relay thread) -----
 
     def sequenceStarted(self, sequence: Any, meta: Mapping[str, Any] | None = None) -> None:
         """New acquisition: remember its frame shape, open the result store, warm up."""
@@ -356,7 +356,7 @@ class LiveProcessor:
         try:
             self._file_frame(frame, event, t, z_um=_stage_z(event, meta, self._run_focus))
             self._note_plane(event, meta)
-        except Exception as exc:  # the acquisition thread must never see an exception
+        except Exception as exc:  # the relay thread must never see an exception
             self._error(f"could not queue a frame: {exc}")
 
     def sequenceFinished(self, sequence: Any = None) -> None:
