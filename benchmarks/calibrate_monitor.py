@@ -1,12 +1,14 @@
 """Calibrate a checkpoint's consistency monitor on held-out simulated frames.
 
     python -m benchmarks.calibrate_monitor --model et2dnet_s0_60x_sim --ship
+    python -m benchmarks.calibrate_monitor --model et3dnet_s0_60x_sim --frames 12 --ship
 
-The shipped ET2dNet's calibration is made this way: `--frames` simulated EPI frames of
-every specimen family it was trained on, from a slide (`--seed`) that neither training
-nor the benchmarks use, through the model's own objective. `--ship` writes it into the
-checkpoint (weights unchanged, metadata and JSON sidecar rewritten atomically);
-without it the calibration is only printed.
+The shipped models' calibrations are made this way: `--frames` simulated EPI frames
+(ET3dNet: 6-plane stacks, every plane scored) of every specimen family they were trained
+on, from a slide (`--seed`) that neither training nor the benchmarks use, through the
+model's own objective. `--ship` writes it into the checkpoint (weights unchanged,
+metadata and JSON sidecar rewritten atomically); without it the calibration is only
+printed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import torch
 
 from ctirf_live.data.loaders import PairSource
+from ctirf_live.data.stacks import synthetic_stacks
 from ctirf_live.inference.consistency import calibrate, record_calibration
 from ctirf_live.inference.restorer import Restorer
 from ctirf_live.models.checkpoint import resolve_checkpoint
@@ -36,17 +39,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = resolve_checkpoint(args.model)
     restorer = Restorer(path, device="cpu")
-    if restorer.dims != 2:
-        raise SystemExit("the monitor is calibrated on frames: pass an ET2dNet checkpoint")
     objective = restorer.optics.objective
-    source = PairSource.synthetic(
-        args.frames, objective, seed=args.seed, roi=args.roi, progress=False, families=FAMILIES
-    )
+    if restorer.dims == 3:
+        stacks = synthetic_stacks(
+            args.frames, objective, seed=args.seed, size=args.roi, families=FAMILIES
+        )
+        images = [s.epi for s in stacks.stacks]
+        kind = f"{stacks.planes}-plane stacks"
+    else:
+        source = PairSource.synthetic(
+            args.frames,
+            objective,
+            seed=args.seed,
+            roi=args.roi,
+            progress=False,
+            families=FAMILIES,
+        )
+        images, kind = [p.epi for p in source.pairs], "frames"
     what = (
-        f"{args.frames} held-out simulated {objective} frames (slide seed {args.seed}, "
+        f"{args.frames} held-out simulated {objective} {kind} (slide seed {args.seed}, "
         f"{args.roi} px), {'/'.join(FAMILIES)}"
     )
-    calibration = calibrate(restorer, [p.epi for p in source.pairs], what)
+    calibration = calibrate(restorer, images, what)
     print(json.dumps({k: calibration[k] for k in ("version", "frames", "source")}))
     print("spectrum:", json.dumps(calibration.get("spectrum", {})))
     if args.ship:
