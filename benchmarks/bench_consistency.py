@@ -127,10 +127,11 @@ def main() -> None:
     }
     rows = []
     for name, (frames, should_flag, focus, pixel) in sets.items():
+        scores = [monitor.score(f)[1] for f in frames]  # one forward per frame, judged twice
         monitor.pixel_size_um, monitor.focus_reference_um = None, None
-        image = [monitor.restore(f).planes[0] for f in frames]
+        image = [monitor.verdicts(r)[0] for r in scores]
         monitor.pixel_size_um, monitor.focus_reference_um = pixel, 0.0
-        both = [monitor.restore(f, [z]).planes[0] for f, z in zip(frames, focus, strict=True)]
+        both = [monitor.verdicts(r, [z])[0] for r, z in zip(scores, focus, strict=True)]
         cells = []
         for verdicts in (image, both):
             flagged = sum(bool(v.flagged) for v in verdicts)

@@ -124,6 +124,7 @@ class Consistency:
 # -- scores (torch, on the model's device) --------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
 def _bands(
     shape: tuple[int, int], optics: Optics, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
