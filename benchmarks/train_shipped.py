@@ -104,6 +104,7 @@ def main() -> None:
         default=True,
         help="attention upsample at 1/16 -> 1/8 as well as 1/32 -> 1/16",
     )
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup-epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
@@ -153,7 +154,7 @@ def main() -> None:
             warmup_epochs=args.warmup_epochs,
             lr=args.lr,
             crop=args.crop,
-            batch_size=4,
+            batch_size=args.batch_size,
             seed=0,
             variance_scaling=args.variance_scaling,
             loss=LossWeights(leak=args.leak),
@@ -186,7 +187,8 @@ def main() -> None:
         "samples_per_epoch": args.samples_per_epoch,
         "render_s": render_s,
         "train_s": train_s,
-        "steps": args.epochs * -(-args.samples_per_epoch // 4),
+        "batch_size": args.batch_size,
+        "steps": args.epochs * -(-args.samples_per_epoch // args.batch_size),
         "held_out": scores,
         "history": result.history,
     }
@@ -215,7 +217,8 @@ no GPU (this task was lent none); shared with other work while it ran.
 
 {args.variant} ({record["parameters"] / 1e6:.2f} M parameters), {args.pairs} simulated 60X
 pairs of {args.roi}x{args.roi} (slide seed 1), validation {args.val_pairs} pairs (seed 2),
-random {args.crop}x{args.crop} crops, batch 4, {args.samples_per_epoch} crops per epoch,
+random {args.crop}x{args.crop} crops, batch {args.batch_size},
+{args.samples_per_epoch} crops per epoch,
 {args.epochs} epochs ({record["steps"]} steps), AdamW {args.lr:g} with {args.warmup_epochs}
 warm-up epochs and cosine decay, hybrid loss{init}. Rendering took {render_s / 60:.1f} min, training
 {train_s / 60:.1f} min.

@@ -148,3 +148,20 @@ def test_cells_end_at_the_edge_of_the_specimen_area() -> None:
     edge = sample.SPECIMEN_RADIUS_UM
     assert not sample.field_has_cells(0, (edge + 1000.0, 0.0), 50.0)
     assert sample.field_has_cells(0, (edge - 1000.0, 0.0), 50.0)
+
+
+def test_lamellar_bundles_are_level_inside_the_body_at_every_height_to_1_um() -> None:
+    cell = cell_at(3, 1, 1, "factin")
+    parts = sample._lamellar_bundles(cell, np.random.default_rng(0), 0.06)
+    kept = [p for p in parts if len(p)]
+    assert len(kept) > 20
+    segs = np.concatenate(kept)
+    z_mid = 0.5 * (segs[:, 2] + segs[:, 5])
+    assert z_mid.min() >= 0.03 and z_mid.max() <= 1.0 + 0.2
+    # filaments at every height between the glass and 1 um, not only on it
+    counts, _ = np.histogram(z_mid, bins=[0.0, 0.25, 0.5, 0.75, 1.2])
+    assert np.all(counts > 0.1 * len(z_mid))
+    # nearly level: a bundle 2-7 um long climbs well under 0.5 um
+    assert np.percentile(np.abs(segs[:, 5] - segs[:, 2]), 95) < 0.1
+    roof = cell.body_height(segs[:, 0], segs[:, 1])
+    assert np.all(segs[:, 2] < roof - 0.05)  # under the top surface
