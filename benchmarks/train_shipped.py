@@ -118,6 +118,18 @@ def main() -> None:
         default=0.0,
         help="out-of-layer emphasis of the supervised L1/L2 (LossWeights.leak; 0: off)",
     )
+    parser.add_argument(
+        "--self-supervised",
+        type=float,
+        default=LossWeights().self_supervised,
+        help="weight of the physics term L(g * psf + b, EPI) (0: supervised only)",
+    )
+    parser.add_argument(
+        "--tv-b",
+        type=float,
+        default=LossWeights().b2,
+        help="weight of the background map's total variation (LossWeights.b2)",
+    )
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--samples-per-epoch", type=int, default=200)
@@ -157,7 +169,7 @@ def main() -> None:
             batch_size=args.batch_size,
             seed=0,
             variance_scaling=args.variance_scaling,
-            loss=LossWeights(leak=args.leak),
+            loss=LossWeights(leak=args.leak, self_supervised=args.self_supervised, b2=args.tv_b),
         )
         torch.manual_seed(0)
         model = ET2dNet(train_src.optics, args.variant, attn_up_eighth=args.attn_up_eighth)
