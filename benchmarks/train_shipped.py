@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -222,7 +223,8 @@ def main() -> None:
         for label, s in (("raw EPI", scores["epi"]), ("cTIRF", scores["ctirf"]))
     )
     init = f", warm-started from `{args.init_from}`" if args.init_from else ""
-    text = f"""Command: `python -m benchmarks.train_shipped --epochs {args.epochs} --ship`
+    command = " ".join(["python -m benchmarks.train_shipped", *sys.argv[1:]])
+    text = f"""Command: `{command}`
 
 Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads,
 no GPU (this task was lent none); shared with other work while it ran.

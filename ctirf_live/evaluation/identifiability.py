@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, optimize
 
-from ctirf_live.evaluation.sectioning import SectioningScene
+from ctirf_live.evaluation.sectioning import SectioningScene, filament_profiles
 
-PROFILE_HALF_PX = 6
-MAX_BLUR_UM = 0.6
-_EDGE_PX = 8
+PROFILE_HALF_PX = 12  # +-1.2 um at 60X: the widest look-alike fits inside
+MAX_BLUR_UM = 1.0
+_EDGE_PX = 8  # as the sectioning test: the filament ends are left out
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,6 @@ class Lookalike:
             "residual_fraction": round(self.residual_fraction, 4),
             "separation_sd": round(self.separation_sd, 2),
         }
-
-
-def cross_sections(
-    scene: SectioningScene, with_lines: np.ndarray, without: np.ndarray
-) -> dict[tuple[str, float], np.ndarray]:
-    """Each filament's added cross-section (rows around it), averaged along its length."""
-    diff = np.asarray(with_lines, np.float64) - np.asarray(without, np.float64)
-    c0, c1 = scene.columns
-    h = PROFILE_HALF_PX
-    return {
-        key: diff[row - h : row + h + 1, c0 + _EDGE_PX : c1 - _EDGE_PX].mean(axis=1)
-        for key, row in scene.rows.items()
-    }
 
 
 def _blurred(profile: np.ndarray, blur_um: float, pixel_um: float) -> np.ndarray:
@@ -101,7 +88,7 @@ def fit_lookalike(
 def height_lookalikes(scene: SectioningScene) -> list[Lookalike]:
     """The on-glass look-alike of every filament of `scene` above the coverslip."""
     with_lines, without = scene.references["epi_noise_free"]
-    sections = cross_sections(scene, with_lines, without)
+    sections = filament_profiles(with_lines, without, scene, PROFILE_HALF_PX)
     band = np.asarray(scene.epi, np.float64) - np.asarray(with_lines, np.float64)
     c0, c1 = scene.columns
     noise_sd = float(band[:, c0 + _EDGE_PX : c1 - _EDGE_PX].std())
@@ -135,8 +122,10 @@ def lookalike_markdown(rows: list[Lookalike]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
+        at_bound = r.blur_um >= MAX_BLUR_UM - 1e-3
+        blur = f"{'>= ' if at_bound else ''}{r.blur_um * 1000:.0f} nm"
         lines.append(
-            f"| {r.level} | {r.height_um:g} | {r.amplitude:.2f}, {r.blur_um * 1000:.0f} nm | "
+            f"| {r.level} | {r.height_um:g} | {r.amplitude:.2f}, {blur} | "
             f"{r.residual_fraction:.3f} | {r.separation_sd:.1f} |"
         )
     return "\n".join(lines)

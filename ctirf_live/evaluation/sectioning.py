@@ -139,18 +139,27 @@ def build_scene(
     )
 
 
+def filament_profiles(
+    with_lines: np.ndarray,
+    without: np.ndarray,
+    scene: SectioningScene,
+    half_px: int = _PROFILE_HALF_PX,
+) -> dict[tuple[str, float], np.ndarray]:
+    """Each filament's added cross-section (rows within `half_px`), averaged along it."""
+    diff = np.asarray(with_lines, np.float64) - np.asarray(without, np.float64)
+    c0, c1 = scene.columns
+    return {
+        key: diff[row - half_px : row + half_px + 1, c0 + 8 : c1 - 8].mean(axis=1)
+        for key, row in scene.rows.items()
+    }
+
+
 def filament_peaks(
     with_lines: np.ndarray, without: np.ndarray, scene: SectioningScene
 ) -> dict[tuple[str, float], float]:
     """Each filament's added cross-section peak, averaged along its length."""
-    diff = np.asarray(with_lines, np.float64) - np.asarray(without, np.float64)
-    c0, c1 = scene.columns
-    out = {}
-    for key, row in scene.rows.items():
-        band = diff[row - _PROFILE_HALF_PX : row + _PROFILE_HALF_PX + 1, c0 + 8 : c1 - 8]
-        profile = band.mean(axis=1)
-        out[key] = float(profile.max())
-    return out
+    profiles = filament_profiles(with_lines, without, scene)
+    return {key: float(profile.max()) for key, profile in profiles.items()}
 
 
 def survival(
