@@ -33,6 +33,7 @@ from ctirf_live.models.evit_unet import count_parameters
 from ctirf_live.training.trainer import TrainResult, train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "ctirf_live" / "weights"
+TEST_ROI = 512  # held-out frames: whole 512x512 fields through the Restorer
 
 
 def held_out_scores(model_path: Path, source: PairSource) -> dict[str, dict[str, float]]:
@@ -145,7 +146,7 @@ def main() -> None:
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     if args.threads:
         torch.set_num_threads(args.threads)
-    test_src = PairSource.synthetic(args.test_pairs, "60X", seed=3, roi=512)
+    test_src = PairSource.synthetic(args.test_pairs, "60X", seed=3, roi=TEST_ROI)
     if args.score_only:
         previous = json.loads((args.out / "benchmark.json").read_text())
         render_s, train_s = previous["render_s"], previous["train_s"]
@@ -237,7 +238,7 @@ random {args.crop}x{args.crop} crops, batch {args.batch_size},
 warm-up epochs and cosine decay, hybrid loss{init}. Rendering took {render_s / 60:.1f} min, training
 {train_s / 60:.1f} min.
 
-Held-out: {args.test_pairs} pairs from another slide (seed 3), full {args.roi}x{args.roi}
+Held-out: {args.test_pairs} pairs from another slide (seed 3), full {TEST_ROI}x{TEST_ROI}
 frames through the Restorer, scored against the noise-free simulated TIRF after p98
 normalisation. The reference is the noise-free TIRF as a noiseless camera would record
 it (offset included, like the measured TIRF the network learns from):
