@@ -64,37 +64,36 @@ def main() -> None:
                 "epoch": epoch,
                 "val_ms_ssim": val,
                 "survival": result.survival["ctirf"],
-                "tirf": result.survival["tirf"],
                 "deviation": result.deviation_from("ctirf"),
             }
         )
         print(f"{path}: epoch {epoch}, deviation {rows[-1]['deviation']:.3f}", flush=True)
+    tirf = result.survival["tirf"]  # the scene's reference, the same for every checkpoint
     choice = pick(rows, args.ms_ssim_slack)
     lines = [
         "| checkpoint | epoch | val MS-SSIM | bright z = 0.2 / 0.5 / 1 / 2 um | dim | max dev. |",
         "|---|---|---|---|---|---|",
     ]
-    for r in [
-        *rows,
-        {
-            "path": "TIRF",
-            "epoch": "",
-            "val_ms_ssim": None,
-            "survival": rows[0]["tirf"],
-            "deviation": 0.0,
-        },
-    ]:
-        cells = [" / ".join(f"{v:.3f}" for v in r["survival"][k][1:]) for k in ("bright", "dim")]
+    for r in rows:
         val = "" if r["val_ms_ssim"] is None else f"{r['val_ms_ssim']:.4f}"
         mark = " (pick)" if r is choice else ""
         lines.append(
-            f"| `{Path(r['path']).name}`{mark} | {r['epoch']} | {val} | {cells[0]} | {cells[1]} "
-            f"| {r['deviation']:.3f} |"
+            f"| `{Path(r['path']).name}`{mark} | {r['epoch']} | {val} | "
+            f"{_survival_cells(r['survival'])} | {r['deviation']:.3f} |"
         )
+    lines.append(f"| TIRF |  |  | {_survival_cells(tirf)} | 0.000 |")
     print("\n".join(lines))
     print(f"pick: {choice['path']}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "pick": choice["path"]}, indent=2))
+        record = {"rows": rows, "tirf": tirf, "pick": choice["path"]}
+        args.json.write_text(json.dumps(record, indent=2))
+
+
+def _survival_cells(survival: dict[str, list[float]]) -> str:
+    """Bright and dim survival above the coverslip as two table cells."""
+    return " | ".join(
+        " / ".join(f"{v:.3f}" for v in survival[level][1:]) for level in ("bright", "dim")
+    )
 
 
 if __name__ == "__main__":
