@@ -2,7 +2,7 @@
 
 Usage::
 
-    nice -n 10 python -m benchmarks.bench_cpu_fastpath
+    python -m benchmarks.bench_cpu_fastpath
     python -m benchmarks.bench_cpu_fastpath --repeats 3 --stream-seconds 10 --no-write
     python -m benchmarks.bench_cpu_fastpath --compile    # adds torch.compile (minutes)
 
@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Time each path, stream through the live hook, print and record the table."""
     args = parse_args(argv)
+    load_before = os.getloadavg()[0]
     threads = args.threads or worker_threads()
     torch.set_num_threads(threads)
     frame = test_frame(args.size)
@@ -132,13 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     live = stream(fast, args.size, fps, args.stream_seconds)
     eager_one = rows[1][1]
     lines = [
-        f"Command: `nice -n 10 python -m benchmarks.bench_cpu_fastpath` ({date.today()})",
+        f"Command: `python -m benchmarks.bench_cpu_fastpath` ({date.today()})",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__} and ONNX Runtime with {threads} thread(s) (the live "
-        "worker's policy, cores - 1). **The cores were shared with two training runs the "
-        "whole time**, so absolute times are inflated and vary between runs; the rows ran "
-        "one after the other in one process, so their ratios are the figures to read. "
+        f"worker's policy, cores - 1). Load average before the run {load_before:.2f}, after "
+        f"{os.getloadavg()[0]:.2f} (1 min); other work on the cores inflates absolute times, "
+        "the rows ran one after the other in one process, so their ratios are the figures to read. "
         f"Model: shipped `{args.model}`; one {args.size}x{args.size} uint16 frame; "
         f"median of {args.repeats} `Restorer.restore` calls after two warm-ups.",
         "",
