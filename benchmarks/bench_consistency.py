@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from datetime import date
 
 import numpy as np
 import torch
@@ -75,8 +76,9 @@ def beads(n: int, seed: int, roi: int) -> list[np.ndarray]:
 def noise(n: int, seed: int, roi: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [
-        (100 + rng.poisson(rng.uniform(50, 500), (roi, roi)) + rng.normal(0, 2, (roi, roi)))
-        .astype(np.float32)
+        (100 + rng.poisson(rng.uniform(50, 500), (roi, roi)) + rng.normal(0, 2, (roi, roi))).astype(
+            np.float32
+        )
         for _ in range(n)
     ]
 
@@ -155,10 +157,11 @@ def main() -> None:
     cost = scoring / plain
     print(f"cost: forward {plain * 1000:.0f} ms, scores {scoring * 1000:.1f} ms ({cost:.1%})")
     text = f"""Command: `nice -n 10 python -m benchmarks.bench_consistency --roi {roi} --frames {n}
---calibration {args.calibration} --threads {args.threads}` (CPU, shared machine).
+--calibration {args.calibration} --threads {args.threads}` (CPU, {date.today()}).
 
-The shipped `et2dnet_s0_60x_sim` with {"its shipped calibration" if not args.calibration
-else "a calibration made here"} ({calibration["source"]}; `benchmarks/calibrate_monitor.py`),
+The shipped `et2dnet_s0_60x_sim` with {
+        "its shipped calibration" if not args.calibration else "a calibration made here"
+    } ({calibration["source"]}; `benchmarks/calibrate_monitor.py`),
 flagging at p99 widened by its distance to the median (the defaults). Held-out sets from
 other slides at {roi} px. Foreign specimen: beads (a specimen the model never saw).
 
