@@ -10,10 +10,13 @@ from torch import nn
 
 from ctirf_live.models.evit_unet import (
     VARIANTS,
+    WINDOW_STRETCH,
     EViTUNet,
     RelativePositionBias,
+    _window_plan,
     count_parameters,
     estimate_flops,
+    window_count,
     windowed_attention,
 )
 from ctirf_live.models.layers import ConvNorm, ConvTransposeNorm, DropPath, LayerScale
@@ -149,7 +152,7 @@ def _random_bias(heads: int) -> RelativePositionBias:
 @pytest.mark.parametrize(
     ("mode", "q_size", "k_size", "q_cut", "k_cut"),
     [
-        ("same", 6, 6, slice(4, 6), slice(4, 6)),
+        ("same", 7, 7, slice(4, 7), slice(4, 7)),
         ("down", 3, 6, slice(2, 3), slice(4, 6)),
         ("up", 6, 3, slice(4, 6), slice(2, 3)),
     ],
@@ -180,17 +183,43 @@ def test_padded_window_equals_attention_on_its_tokens_alone(
 
 
 def test_shifted_windows_partition_the_grid() -> None:
-    """Shift by half a window: on 9x7 with window 4 the windows start at -2, 2, 6."""
+    """Shift by half a window: on 11x7 with window 4 the windows start at -2, 2, 6."""
     heads = 2
-    q, k, v = (torch.randn(1, heads * 4, 1, 9, 7) for _ in range(3))
+    q, k, v = (torch.randn(1, heads * 4, 1, 11, 7) for _ in range(3))
     bias = _random_bias(heads)
     out = windowed_attention(q, k, v, heads, bias, 4, shift=True)
-    assert out.shape == (1, heads * 4, 1, 9, 7)
+    assert out.shape == (1, heads * 4, 1, 11, 7)
     for rows, cols in [(slice(2, 6), slice(2, 6)), (slice(0, 2), slice(2, 6))]:
         alone = windowed_attention(
             q[..., rows, cols], k[..., rows, cols], v[..., rows, cols], heads, bias, 4
         )
         torch.testing.assert_close(out[..., rows, cols], alone)
+
+
+def _fixed_windows_tokens(size: int, window: int) -> int:
+    """Tokens (real + masked padding) that windows of exactly `window` would use."""
+    return size if size <= window else -(-size // window) * window
+
+
+@pytest.mark.parametrize("window", [2, 4, 8, 16])
+def test_window_plan_covers_the_grid_and_never_pads_more(window: int) -> None:
+    for size in range(1, 300):
+        n = window_count(size, window)
+        w, before, after = _window_plan(size, window, shift=False)
+        assert w * n == size + after and before == 0
+        assert w <= max(size if n == 1 else 0, int(window * WINDOW_STRETCH))
+        assert n * w <= _fixed_windows_tokens(size, window)
+        if size % window == 0:  # the grids training crops make keep the trained window
+            assert w == min(size, window)
+        _, sb, sa = _window_plan(size, window, shift=True)
+        assert n == 1 or (sb == w // 2 and (size + sb + sa) % w == 0)
+
+
+def test_edge_padded_512_frame_uses_few_padded_tokens() -> None:
+    """576 px (512 + edge pad, to a multiple of 32): grids 18 and 36 with window 16."""
+    assert _window_plan(18, 16, False) == (18, 0, 0)  # one global window, not 2 x 16
+    assert _window_plan(36, 16, False) == (18, 0, 0)  # two windows, not 3 x 16
+    assert _window_plan(32, 16, False) == (16, 0, 0)  # a 512 crop as trained
 
 
 def test_position_bias_depends_only_on_offsets() -> None:

@@ -178,12 +178,37 @@ class RelativePositionBias(nn.Module):
         return table[:, index]
 
 
+# a window may stretch to this many times the trained size rather than add a window of
+# mostly masked padding: a 576 px frame (512 + edge pad, rounded to 32) has 18-token
+# grids at 1/32 and 36 at 1/16, which windows of 16 pad to 32 and 48 (3.2x and 1.8x
+# the tokens); one window of 18 and two of 18 cover them exactly
+WINDOW_STRETCH = 1.25
+
+
+@functools.lru_cache(maxsize=256)
+def window_count(size: int, window: int) -> int:
+    """How many windows cover `size` tokens: the fewest padded tokens, windows of at most
+    `WINDOW_STRETCH` x `window`, ties to the window size closest to the trained one."""
+    if size <= window:
+        return 1
+    lo = max(1, -(-size // int(window * WINDOW_STRETCH)))
+    hi = -(-size // window)
+
+    def cost(n: int) -> tuple[int, int]:
+        w = -(-size // n)
+        return n * w, abs(w - window)
+
+    return min(range(lo, hi + 1), key=cost)
+
+
 def _window_plan(size: int, window: int, shift: bool) -> tuple[int, int, int]:
     """(window, pad_before, pad_after) along one axis of the coarse attention grid."""
-    if size <= window:
+    n = window_count(size, window)
+    if n == 1:
         return size, 0, 0
-    before = window // 2 if shift else 0
-    return window, before, (-(size + before)) % window
+    w = -(-size // n)
+    before = w // 2 if shift else 0
+    return w, before, (-(size + before)) % w
 
 
 def _partition(
