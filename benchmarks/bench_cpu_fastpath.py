@@ -56,7 +56,8 @@ class TiledRestorer(Restorer):
 
 
 def test_frame(size: int, seed: int = 0) -> np.ndarray:
-    """A Poisson frame with some structure (speed does not depend on the content)."""
+    """A Poisson frame with some structure (with denormals flushed, as `Restorer` does on
+    the CPU, speed barely depends on the content: within 5% on uniform noise)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     signal = 400 + 300 * (np.sin(xx / 9.0) * np.cos(yy / 13.0)) ** 2

@@ -339,7 +339,13 @@ class Restorer:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> ETOutput:
         """The network on a normalised batch `(B, 1, [Z,] Y, X)` already on `self.device`,
-        through the chosen backend (folded torch, ONNX Runtime, or compiled)."""
+        through the chosen backend (folded torch, ONNX Runtime, or compiled).
+
+        On the CPU the calling thread flushes denormal floats to zero (and keeps doing so):
+        peaked attention on noisy frames underflows into denormals, which made the same
+        512 px forward 1.4-1.6x slower than on smooth content in both backends."""
+        if x.device.type == "cpu":
+            torch.set_flush_denormal(True)
         if self._onnx is not None and x.device.type == "cpu":
             maps = self._onnx.maps(x.float())
             if maps is not None:
