@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = bare / eager_one
     lines += [
         "",
-        f"ONNX path vs eager one pass: **{ratio:.2f}x** (target <= 0.5x: "
+        f"ONNX path vs eager one pass: **{ratio:.3f}x** (target <= 0.5x: "
         f"{'met' if ratio <= 0.5 else 'not met'}); vs the tiled eager path before: "
         f"{bare / rows[0][1]:.2f}x. Output difference from eager: folded "
         f"{fold_err:.1e}, ONNX {onnx_err:.1e} of the output range.",
