@@ -271,7 +271,6 @@ def windowed_attention(
     bw, nq, nk = qw.shape[0], qw.shape[-1], kw.shape[-1]
     qh = qw.reshape(bw, heads, -1, nq).transpose(-2, -1)
     kh = kw.reshape(bw, heads, -1, nk)
-    vh = vw.reshape(bw, heads, -1, nk).transpose(-2, -1)
     logits = (qh @ kh) * qh.shape[-1] ** -0.5
     logits = logits + bias((z, wy * qs, wx * qs), (z, wy * ks, wx * ks), mode, q.device)
     if talking_heads is not None:
@@ -284,7 +283,8 @@ def windowed_attention(
     attn = logits.softmax(dim=-1)
     if talking_heads is not None:
         attn = talking_heads[1](attn)
-    out = (attn @ vh).transpose(-2, -1).reshape(bw, -1, nq)
+    # (v @ attn^T) lands in channel-first order: no transpose of the output to copy
+    out = (vw.reshape(bw, heads, -1, nk) @ attn.transpose(-2, -1)).reshape(bw, -1, nq)
     return _unpartition(out, b, z, ny, nx, wy * qs, wx * qs, q_pads)
 
 
