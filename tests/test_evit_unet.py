@@ -260,3 +260,18 @@ def test_training_works_after_inference_in_the_same_process() -> None:
     model.train()
     model(torch.rand(2, 1, 64, 64)).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_position_bias_is_cached_for_inference_until_weights_change() -> None:
+    bias = _random_bias(2).eval()
+    args = ((1, 4, 4), (1, 4, 4), "same", "cpu")
+    with torch.no_grad():
+        first = bias(*args)
+        assert bias(*args) is first  # kept: no gather per attention call
+        other = _random_bias(2)
+        bias.load_state_dict(other.state_dict())  # weights changed in place
+        changed = bias(*args)
+        torch.testing.assert_close(changed, other.eval()(*args))
+        assert not torch.equal(changed, first)
+    fresh = bias(*args)  # with gradients: built anew and differentiable
+    assert fresh.requires_grad and fresh is not changed
