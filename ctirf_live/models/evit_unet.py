@@ -43,6 +43,7 @@ Differences from the public reference, on purpose:
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any
 
@@ -182,7 +183,8 @@ class RelativePositionBias(nn.Module):
         version = self._weights_version() if keep else None
         cache = None if version is None else _bias_cache(self)
         if cache is not None:
-            key = (q_win, k_win, mode, str(device), torch.is_autocast_enabled(), version)
+            autocast = torch.is_autocast_enabled(torch.device(device).type)
+            key = (q_win, k_win, mode, str(device), autocast, version)
             hit = cache.get(key)
             if hit is not None:
                 return hit
@@ -191,9 +193,10 @@ class RelativePositionBias(nn.Module):
         table = self.mlp(feats.to(self.mlp[0].weight.dtype)).t()
         bias = table[:, index]
         if cache is not None:
-            if len(cache) >= BIAS_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-            cache[key] = bias
+            with _BIAS_LOCK:  # the live worker and the caller's thread may share a model
+                while len(cache) >= BIAS_CACHE_SIZE:
+                    cache.pop(next(iter(cache)))
+                cache[key] = bias
         return bias
 
     def _weights_version(self) -> tuple[tuple[int, int], ...] | None:
@@ -210,11 +213,15 @@ BIAS_CACHE_SIZE = 8  # window pairs kept per bias module (sizes seen in a row of
 _BIAS_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_BIAS_LOCK = threading.Lock()
+
+
 def _bias_cache(module: RelativePositionBias) -> dict:
-    cache = _BIAS_CACHES.get(module)
-    if cache is None:
-        cache = _BIAS_CACHES[module] = {}
-    return cache
+    with _BIAS_LOCK:
+        cache = _BIAS_CACHES.get(module)
+        if cache is None:
+            cache = _BIAS_CACHES[module] = {}
+        return cache
 
 
 # a window may stretch to this many times the trained size rather than add a window of
