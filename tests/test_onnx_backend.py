@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,33 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend("auto", cpu) == "torch"
     with pytest.raises(ValueError, match=r"pip install 'ctirf-live\[onnx\]'"):
         resolve_backend("onnx", cpu)
+
+
+def test_prune_cache_keeps_the_newest_within_the_limit(tmp_path: Path) -> None:
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"g{i}.onnx"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1000 + i, 1000 + i))  # g0 oldest ... g3 newest
+        paths.append(path)
+    removed = onnx_backend.prune_cache(tmp_path, 2500, keep=paths[0])
+    assert sorted(removed) == [paths[1], paths[2]]
+    assert sorted(tmp_path.glob("*.onnx")) == [paths[0], paths[3]]
+
+
+def test_exports_beyond_the_cache_limit_remove_older_graphs(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(onnx_backend.CACHE_LIMIT_ENV, "0.001")  # 1 kB: one graph at most
+    fast = Restorer(_tiny(), device="cpu", tile=128, backend="onnx")
+    first = fast.restore(_frame((64, 48)))
+    second = fast.restore(_frame((64, 80)))
+    assert np.isfinite(first).all() and np.isfinite(second).all()
+    graphs = list(cache.glob("*.onnx"))
+    assert len(graphs) == 1 and "1x1x96x112" in graphs[0].name  # the newest stays
+
+
+def test_a_bad_cache_limit_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(onnx_backend.CACHE_LIMIT_ENV, "lots")
+    with pytest.raises(ValueError, match="CTIRF_ONNX_CACHE_MB='lots' is not a size"):
+        OnnxBackbone(_tiny())

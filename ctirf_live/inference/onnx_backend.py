@@ -8,6 +8,9 @@ Each input shape gets its own graph (the attention windows are planned from the 
 Graphs are cached in `CTIRF_CACHE_DIR` (default: the user cache dir, e.g.
 `~/.cache/ctirf-live`) under `onnx/`, named by a hash of the backbone's weights and the
 model code, so a retrained checkpoint or a changed network never meets a stale graph.
+The cache is kept under `CTIRF_ONNX_CACHE_MB` megabytes (default 1024): after each export
+the least recently used graphs beyond it are deleted (a fine-tuning run scored every epoch
+exports one ~28 MB S0 graph per epoch; unbounded, one afternoon filled 2.3 GB).
 A new graph is verified against eager torch before it is kept: if the largest
 difference exceeds `TOLERANCE` of the output range, the graph is discarded, a one-line
 warning is logged and that shape runs in torch. Export problems (a 3D model the exporter
@@ -38,6 +41,8 @@ from ctirf_live.models.onnx_export import INPUT_NAME, INSTALL_HINT, export_backb
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CTIRF_CACHE_DIR"
+CACHE_LIMIT_ENV = "CTIRF_ONNX_CACHE_MB"
+DEFAULT_CACHE_MB = 1024.0
 TOLERANCE = 1e-4  # max |onnx - eager| relative to the eager output's range
 
 
@@ -58,6 +63,49 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("ctirf-live", appauthor=False)) / "onnx"
+
+
+def cache_limit_bytes() -> int:
+    """The most bytes of graphs the cache keeps (`CTIRF_ONNX_CACHE_MB`, default 1024)."""
+    raw = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    if not raw:
+        return int(DEFAULT_CACHE_MB * 2**20)
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:
+        raise ValueError(
+            f"{CACHE_LIMIT_ENV}={raw!r} is not a size; set it to megabytes (e.g. 1024), "
+            "or unset it for the default"
+        )
+    return int(megabytes * 2**20)
+
+
+def prune_cache(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used graphs in `folder` beyond `limit` bytes (never
+    `keep`); returns what was deleted. Graphs in use are safe: sessions hold them in memory."""
+    entries = []
+    for path in folder.glob("*.onnx"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    entries.sort(key=lambda e: (e[2] != keep, -e[0]))  # `keep` first, then newest
+    total, removed = 0, []
+    for _, size, path in entries:
+        if path == keep or total + size <= limit:
+            total += size
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    if removed:
+        log.info("ONNX cache over %d MB: removed %d old graph(s)", limit // 2**20, len(removed))
+    return removed
 
 
 def model_key(model: ETNet) -> str:
@@ -85,6 +133,7 @@ class OnnxBackbone:
         self.cache = Path(cache) if cache is not None else cache_dir()
         self.tolerance = float(tolerance)
         self.key = model_key(model)
+        self.cache_limit = cache_limit_bytes()
         self.errors: dict[tuple[int, ...], float] = {}  # verification error per shape
         self._sessions: dict[tuple[tuple[int, ...], int], Any] = {}
         self._refused: dict[tuple[int, ...], str] = {}
@@ -119,6 +168,8 @@ class OnnxBackbone:
         path = self.path_for(shape)
         try:
             session = self._open(path, threads) if path.exists() else None
+            if session is not None:
+                _touch(path)  # recently used: pruning removes the oldest first
         except Exception as exc:  # a truncated or foreign file: export it again
             log.warning("cached ONNX graph %s is unreadable (%s); exporting again", path, exc)
             path.unlink(missing_ok=True)
@@ -160,6 +211,7 @@ class OnnxBackbone:
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
+            prune_cache(path.parent, self.cache_limit, keep=path)
         except Exception as exc:
             return self._refuse(shape, f"ONNX export failed: {type(exc).__name__}: {exc}")
         log.info("exported %s (max difference %.1e of range)", path.name, error)
@@ -179,3 +231,10 @@ class OnnxBackbone:
         self._refused[shape] = reason
         log.warning("%s for input %s: running %s in torch", reason, shape, self.model.name)
         return None
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
