@@ -47,7 +47,9 @@ def score_ctirf(
     model: ETNet, source: PairSource, kind: str, device: str = "auto"
 ) -> dict[str, list[float]]:
     """Per-pair MS-SSIM and PSNR of `model`'s cTIRF against the `kind` reference."""
-    restorer = Restorer(model, device=device)
+    # torch, not ONNX: a model scored between epochs changes every time, and each new set
+    # of weights would export (and cache) a graph of its own
+    restorer = Restorer(model, device=device, backend="torch")
     out: dict[str, list[float]] = {"ms_ssim": [], "psnr": []}
     try:
         for pair in source.pairs:
