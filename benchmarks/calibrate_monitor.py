@@ -30,7 +30,7 @@ FAMILIES = ("factin", "membrane", "tissue")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="et2dnet_s0_60x_sim")
-    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--roi", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
