@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.train_shipped import warm_start
 from ctirf_live.config import LossWeights, TrainSettings
-from ctirf_live.data.loaders import FramePair, PairSource, simulated_fields
+from ctirf_live.data.loaders import FramePair, PairSource, simulated_fields, snap_pair
 from ctirf_live.models.etnet import ET2dNet
 from ctirf_live.sim.sample import SpecimenRenderer
 from ctirf_live.sim.scope import PSF_MARGIN_UM, SAMPLE_PLANES_UM
@@ -86,12 +86,7 @@ def line_pairs(n: int, seed: int, roi: int) -> list[FramePair]:
             splat_line(vol[k], (cx - dx, cy - dy), (cx + dx, cy + dy), density)
         scope.set_specimen_override(vol, SAMPLE_PLANES_UM)
         scope.exposure_ms = float(np.exp(rng.uniform(np.log(10), np.log(100))))
-        scope.set_illumination("EPI")
-        epi = scope.snap().astype(np.float32)
-        scope.set_illumination("TIRF")
-        tirf = scope.snap().astype(np.float32)
-        truth = scope.ground_truth_tirf(camera_units=True).astype(np.float32)
-        pairs.append(FramePair(epi, tirf, f"lines:{i}", truth))
+        pairs.append(snap_pair(scope, f"lines:{i}"))
         scope.set_specimen_override(None)
         scope.clear_cache()
     return pairs

@@ -207,12 +207,7 @@ class PairSource:
                 fam = scope.family
                 scope.xy_um = (x, y)
                 scope.exposure_ms = float(exposures[i])
-                scope.set_illumination("EPI")
-                epi = scope.snap().astype(np.float32)
-                scope.set_illumination("TIRF")
-                tirf = scope.snap().astype(np.float32)
-                truth = scope.ground_truth_tirf(camera_units=True).astype(np.float32)
-                pairs.append(FramePair(epi, tirf, f"sim:{fam}:{x:.1f},{y:.1f}", truth))
+                pairs.append(snap_pair(scope, f"sim:{fam}:{x:.1f},{y:.1f}"))
                 scope.clear_cache()
                 advance()
         names = "+".join(dict.fromkeys(families))
@@ -412,6 +407,16 @@ def _overlap_groups(
             if dx < size_um[1] and dy < size_um[0]:
                 parent[root(a)] = root(b)
     return [f"field:{names[root(i)]}" for i in range(n)]
+
+
+def snap_pair(scope: Any, name: str) -> FramePair:
+    """One EPI frame, one TIRF frame and the noise-free TIRF truth of a `SimulatedMicroscope`."""
+    scope.set_illumination("EPI")
+    epi = scope.snap().astype(np.float32)
+    scope.set_illumination("TIRF")
+    tirf = scope.snap().astype(np.float32)
+    truth = scope.ground_truth_tirf(camera_units=True).astype(np.float32)
+    return FramePair(epi, tirf, name, truth)
 
 
 def simulated_fields(
