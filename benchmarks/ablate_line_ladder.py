@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--roi", type=int, default=384)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--crop", type=int, default=256, help="training crop side (px)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--samples-per-epoch", type=int, default=48)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -109,14 +112,17 @@ def main() -> None:
     )
     pairs = list(normal.pairs) + (line_pairs(n_lines, 21, args.roi) if n_lines else [])
     train_src = PairSource(pairs, normal.optics, f"line ladder ablation, {args.arm}")
-    val_src = PairSource.synthetic(4, "60X", seed=2, roi=256, families=FAMILIES, progress=False)
+    val_roi = max(256, args.crop)
+    val_src = PairSource.synthetic(
+        4, "60X", seed=2, roi=val_roi, families=FAMILIES, progress=False
+    )
     print(f"rendered {len(pairs)} pairs in {time.time() - t0:.0f} s", flush=True)
     settings = TrainSettings(
         epochs=args.epochs,
         warmup_epochs=1,
         lr=2e-4,
-        crop=256,
-        batch_size=4,
+        crop=args.crop,
+        batch_size=args.batch,
         seed=0,
         loss=LossWeights(self_supervised=0.3),
     )
@@ -124,7 +130,13 @@ def main() -> None:
     model = ET2dNet(train_src.optics, "S0", attn_up_eighth=False)
     warm_start(model, SHIPPED)
     result = train(
-        model, train_src, val_src, settings, args.out, samples_per_epoch=48, log_every=100
+        model,
+        train_src,
+        val_src,
+        settings,
+        args.out,
+        samples_per_epoch=args.samples_per_epoch,
+        log_every=100,
     )
     print(f"best checkpoint {result.best_path} after {time.time() - t0:.0f} s", flush=True)
 
