@@ -82,13 +82,24 @@ class SectioningResult:
         return "\n".join(lines)
 
 
-def build_scene(
+@dataclass
+class SectioningSpecimen:
+    """The test field before imaging: the microscope and its volume with/without filaments."""
+
+    scope: Any  # a SimulatedMicroscope on the field, drift-free, `FIELD_PX` ROI
+    lines: np.ndarray  # (planes, side, side) specimen with the test filaments
+    base: np.ndarray  # the same specimen without them
+    rows: dict[tuple[str, float], int]
+    columns: tuple[int, int]
+
+
+def scene_specimen(
     objective: str = "60X",
     seed: int = 11,
     exposure_ms: float = 50.0,
     heights_um: Sequence[float] = HEIGHTS_UM,
-) -> SectioningScene:
-    """Lay the test filaments into a dense F-actin cell and image it (EPI and TIRF)."""
+) -> SectioningSpecimen:
+    """Lay the test filaments into the dense F-actin cell of slide `seed` (not yet imaged)."""
     from ctirf_live.sim.sample import SpecimenRenderer, cell_at
     from ctirf_live.sim.scope import PSF_MARGIN_UM, SAMPLE_PLANES_UM, SimulatedMicroscope
 
@@ -119,9 +130,23 @@ def build_scene(
             row += _LINE_SPACING_PX
     if row - _LINE_SPACING_PX + 8 >= FIELD_PX:
         raise ValueError("the test filaments do not fit in the field")
+    return SectioningSpecimen(scope, lines, base, rows, (c0, c1))
+
+
+def build_scene(
+    objective: str = "60X",
+    seed: int = 11,
+    exposure_ms: float = 50.0,
+    heights_um: Sequence[float] = HEIGHTS_UM,
+) -> SectioningScene:
+    """Lay the test filaments into a dense F-actin cell and image it (EPI and TIRF)."""
+    from ctirf_live.sim.scope import SAMPLE_PLANES_UM
+
+    spec = scene_specimen(objective, seed, exposure_ms, heights_um)
+    scope = spec.scope
     refs: dict[str, list[np.ndarray]] = {"tirf": [], "epi_noise_free": []}
     frames = []
-    for vol in (lines, base):
+    for vol in (spec.lines, spec.base):
         scope.set_specimen_override(vol, SAMPLE_PLANES_UM)
         scope.frames_rendered = 0
         scope.set_illumination("EPI")
@@ -132,9 +157,9 @@ def build_scene(
         epi=frames[0],
         epi_without=frames[1],
         references={k: (v[0], v[1]) for k, v in refs.items()},
-        rows=rows,
-        columns=(c0, c1),
-        pixel_size_um=p,
+        rows=spec.rows,
+        columns=spec.columns,
+        pixel_size_um=scope.optics.pixel_size_um,
         optics=scope.optics,
     )
 
