@@ -103,6 +103,12 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=256, help="training crop side (px)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--samples-per-epoch", type=int, default=48)
+    ap.add_argument(
+        "--target-ceiling",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=1.0,
+        help="clip of the normalised TIRF targets (paper Eq. 1: 1; 'none': no clip)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -125,6 +131,7 @@ def main() -> None:
         batch_size=args.batch,
         seed=0,
         loss=LossWeights(self_supervised=0.3),
+        target_ceiling=args.target_ceiling,
     )
     torch.manual_seed(0)
     model = ET2dNet(train_src.optics, "S0", attn_up_eighth=False)

@@ -205,6 +205,11 @@ class TrainSettings(BaseModel):
     seed: int = 0
     percentile: float = Field(98.0, gt=0, le=100)
     variance_scaling: Literal["weight", "target", "none"] = "weight"
+    target_ceiling: float | None = Field(
+        1.0,
+        gt=0,
+        description="clip normalised TIRF targets here (paper Eq. 1: 1); None: no clip",
+    )
     loss: LossWeights = LossWeights()
 
 

@@ -68,6 +68,31 @@ def test_crops_come_from_the_whole_frame_normalisation_and_stay_in_unit_range() 
             )
 
 
+def test_target_ceiling_keeps_bright_tirf_above_one_and_inputs_stay_eq1() -> None:
+    src = _source()
+    eq1 = CropDataset(src, crop=32, rotation_probability=0.0, seed=0, samples_per_epoch=8)
+    free = CropDataset(
+        src, crop=32, rotation_probability=0.0, seed=0, samples_per_epoch=8, target_ceiling=None
+    )
+    capped = CropDataset(
+        src, crop=32, rotation_probability=0.0, seed=0, samples_per_epoch=8, target_ceiling=1.5
+    )
+    frame = 0
+    whole = free._normalised(frame, "tirf")
+    assert whole.max() > 1.5  # the toy's blobs are well above the 98th percentile
+    np.testing.assert_allclose(whole, src[frame].tirf / free.scales[frame][1], rtol=1e-6)
+    assert capped._normalised(frame, "tirf").max() == pytest.approx(1.5)
+    assert eq1._normalised(frame, "tirf").max() == pytest.approx(1.0)
+    for i in range(8):
+        assert torch.equal(free[i]["epi"], eq1[i]["epi"])
+        assert float(free[i]["epi"].max()) <= 1.0
+
+
+def test_target_ceiling_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="target_ceiling"):
+        CropDataset(_source(), crop=32, target_ceiling=0.0)
+
+
 def test_rotation_happens_with_the_requested_probability_and_is_applied() -> None:
     src = _source()
     ds = CropDataset(src, crop=32, rotation_probability=0.8, seed=1, samples_per_epoch=3000)

@@ -447,6 +447,7 @@ class _Run:
             spe,
             variance_scaling=settings.variance_scaling,
             target_scale="input" if supervise.startswith("g") else "own",
+            target_ceiling=settings.target_ceiling,
         )
         self.val_data = (
             CropDataset(
@@ -456,6 +457,7 @@ class _Run:
                 augment=False,
                 variance_scaling=settings.variance_scaling,
                 target_scale="input" if supervise.startswith("g") else "own",
+                target_ceiling=settings.target_ceiling,
             )
             if self.val_source is not None
             else None
