@@ -109,6 +109,12 @@ def main() -> None:
         default=1.0,
         help="clip of the normalised TIRF targets (paper Eq. 1: 1; 'none': no clip)",
     )
+    ap.add_argument(
+        "--input-ceiling",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=1.0,
+        help="clip of the normalised EPI inputs (Eq. 1: 1; recorded in the checkpoint)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -132,6 +138,7 @@ def main() -> None:
         seed=0,
         loss=LossWeights(self_supervised=0.3),
         target_ceiling=args.target_ceiling,
+        input_ceiling=args.input_ceiling,
     )
     torch.manual_seed(0)
     model = ET2dNet(train_src.optics, "S0", attn_up_eighth=False)

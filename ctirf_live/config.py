@@ -210,6 +210,11 @@ class TrainSettings(BaseModel):
         gt=0,
         description="clip normalised TIRF targets here (paper Eq. 1: 1); None: no clip",
     )
+    input_ceiling: float | None = Field(
+        1.0,
+        gt=0,
+        description="clip normalised EPI inputs here (Eq. 1: 1; recorded in the checkpoint)",
+    )
     loss: LossWeights = LossWeights()
 
 

@@ -88,7 +88,7 @@ def test_the_package_passes_bioimageio_model_test(package: tuple[Path, Path]) ->
     assert rdf["format_version"].startswith("0.5")
     assert {"pytorch_state_dict", "torchscript"} <= set(rdf["weights"])
     assert rdf["weights"]["pytorch_state_dict"]["architecture"]["callable"] == "CTIRFNet"
-    assert rdf["config"]["ctirf"]["normalization"] == {"percentile": 98.0}
+    assert rdf["config"]["ctirf"]["normalization"] == {"percentile": 98.0, "input_ceiling": 1.0}
     assert {"cover.png", "README.md", "ctirf.safetensors", "test_input.npy"} <= names
     with zipfile.ZipFile(zip_path) as zf:
         card = zf.read("README.md").decode()

@@ -169,3 +169,23 @@ def test_cpu_inference_thread_flushes_denormals(restorer: Restorer) -> None:
     thread.join()
     assert seen["before"] > 0  # the platform keeps denormals by default
     assert seen["after"] == 0.0
+
+
+def test_restorer_clips_inputs_where_the_model_was_trained_to() -> None:
+    torch.manual_seed(0)
+    net = ET2dNet(Optics(), "tiny").eval()
+    seen: list[float] = []
+    net.backbone.register_forward_hook(lambda _m, args, _out: seen.append(float(args[0].max())))
+    rng = np.random.default_rng(1)
+    img = rng.poisson(200, size=(128, 128)).astype(np.uint16)
+    img[60:62, 40:80] += 3000  # 80 px: far above the 98th percentile
+    eq1 = Restorer(net, device="cpu", tile=128, overlap=32)
+    assert eq1.input_ceiling == 1.0 and eq1.describe()["input_ceiling"] == 1.0
+    clipped = eq1.restore(img)
+    assert seen[-1] == pytest.approx(1.0)
+    net.input_ceiling = None
+    free = Restorer(net, device="cpu", tile=128, overlap=32)
+    assert free.describe()["input_ceiling"] is None
+    unclipped = free.restore(img)
+    assert seen[-1] > 10.0
+    assert not np.array_equal(clipped, unclipped)

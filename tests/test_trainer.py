@@ -271,3 +271,24 @@ def test_the_monitor_is_calibrated_on_validation_then_training_frames_and_quadra
     assert frames[2].shape == (256, 256) and frames[10].shape == (512, 512)
     small, what = _calibration_frames(source(3, 128), source(4, 128), CALIBRATION_FRAMES)
     assert len(small) == 7 and what == "3 validation frames + 4 training frames"
+
+
+def test_input_ceiling_is_recorded_and_a_finetune_keeps_it(
+    pairs: PairSource, tmp_path: Path
+) -> None:
+    result = train(
+        _model(pairs.optics),
+        pairs.subset([0, 1]),
+        None,
+        _settings(epochs=1, input_ceiling=None, target_ceiling=None),
+        tmp_path / "base",
+        device="cpu",
+        progress=False,
+    )
+    model, meta = load_model(result.last_path)
+    assert meta["normalization"]["input_ceiling"] is None and model.input_ceiling is None
+    settings = finetune_settings(epochs=1, crop=64, batch_size=2, val_fraction=0.25)
+    ft = finetune(result.last_path, pairs, settings, tmp_path / "ft", device="cpu", progress=False)
+    assert load_model(ft.best_path)[0].input_ceiling is None
+    plain, plain_meta = load_model(save_model(_model(pairs.optics), tmp_path / "eq1.safetensors"))
+    assert plain.input_ceiling == 1.0 and plain_meta["normalization"]["input_ceiling"] == 1.0

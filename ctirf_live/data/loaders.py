@@ -8,7 +8,7 @@ shows, from an on-disk `PairedDataset` or rendered by a `SimulatedMicroscope`.
   of a frame share its scale; Eq. 1 clips at 1, which for TIRF targets flattens the
   brightest ~2% of pixels, the in-focus structures themselves (a stress fibre on the
   glass, 3-4x the 98th percentile, ends up no brighter than one 0.2 um up), so
-  `target_ceiling` can raise or drop that clip for targets (inputs keep Eq. 1);
+  `target_ceiling` and `input_ceiling` raise or drop that clip (None: none);
 - a random `crop` x `crop` window (default 512); with `rotation_probability` (0.8) the
   crop is then transformed by one of the 7 non-identity symmetries of the square (90,
   180, 270 degree rotations and the 4 mirror flips), drawn uniformly: exact, no
@@ -240,6 +240,7 @@ class CropDataset(Dataset):
         variance_scaling: str = "weight",
         target_scale: str = "own",
         target_ceiling: float | None = 1.0,
+        input_ceiling: float | None = 1.0,
     ) -> None:
         if len(source) == 0:
             raise DatasetError(f"{source.description}: no pairs to crop from")
@@ -250,11 +251,13 @@ class CropDataset(Dataset):
             )
         if target_scale not in ("own", "input"):
             raise ValueError(f"target_scale must be 'own' or 'input', got {target_scale!r}")
-        if target_ceiling is not None and not target_ceiling > 0:
-            raise ValueError(f"target_ceiling must be > 0 or None, got {target_ceiling}")
+        for name, value in (("target_ceiling", target_ceiling), ("input_ceiling", input_ceiling)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value}")
         self.variance_scaling = variance_scaling
         self.target_scale = target_scale
         self.target_ceiling = target_ceiling
+        self.input_ceiling = input_ceiling
         if not 0.0 <= rotation_probability <= 1.0:
             raise ValueError(f"rotation_probability must be in [0, 1], got {rotation_probability}")
         check_crop(source, crop)
@@ -289,7 +292,7 @@ class CropDataset(Dataset):
         image = pair.epi if which == "epi" else pair.tirf
         scale = self.scales[frame][0 if which == "epi" else 1]
         region = image if window is None else image[window]
-        ceiling = 1.0 if which == "epi" else self.target_ceiling
+        ceiling = self.input_ceiling if which == "epi" else self.target_ceiling
         return np.clip(region / np.float32(scale), 0.0, ceiling).astype(np.float32)
 
     def plan(self, index: int) -> tuple[int, int, int, tuple[int, bool] | None]:

@@ -53,6 +53,13 @@ class ExportError(ValueError):
     """A model cannot be exported as asked; the message says why and what to do."""
 
 
+def _normalisation_formula(percentile: float, ceiling: float | None) -> str:
+    """Eq. 1 as this model applies it (its input clip, if any)."""
+    if ceiling is None:
+        return f"max(0, I / p{percentile:g}) (no upper clip)"
+    return f"min({ceiling:g}, I / p{percentile:g})"
+
+
 def _bioimageio() -> Any:
     try:
         import bioimageio.core
@@ -227,7 +234,10 @@ def _describe(
     inputs = [
         bio.InputTensorDescr(
             id=bio.TensorId(INPUT_ID),
-            description=f"raw EPI in camera units; the model applies min(1, I / p{percentile:g})",
+            description=(
+                "raw EPI in camera units; the model applies "
+                + _normalisation_formula(percentile, net.input_ceiling)
+            ),
             axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=["EPI"]), *space],
             test_tensor=bio.FileDescr(source=files["test_input"]),
             data=bio.IntervalOrRatioDataDescr(type="float32"),
@@ -262,7 +272,7 @@ def _describe(
         "architecture": meta.get("architecture"),
         "optics": optics.model_dump(mode="json"),
         "psf": meta.get("psf"),
-        "normalization": {"percentile": percentile},
+        "normalization": {"percentile": percentile, "input_ceiling": net.input_ceiling},
     }
     return bio.ModelDescr(
         name="".join(c if c.isalnum() or c in "_+- ()" else "-" for c in name),

@@ -51,12 +51,14 @@ class CTIRFNet(nn.Module):
         attn_up_eighth: bool = False,
         psf_shape: Sequence[int] | None = None,
         percentile: float = 98.0,
+        input_ceiling: float | None = 1.0,
     ) -> None:
         super().__init__()
         measured = psf_model == "measured"
         if measured and not psf_shape:
             raise ValueError("a measured PSF needs psf_shape (its tensor comes with the weights)")
         self.percentile = float(percentile)
+        self.input_ceiling = None if input_ceiling is None else float(input_ceiling)
         self.net = ETNet(
             Optics(**optics),
             variant,
@@ -76,7 +78,7 @@ class CTIRFNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         scale = percentile_scale(x, self.percentile)
-        norm = (x / scale).clamp(0.0, 1.0)
+        norm = (x / scale).clamp(0.0, self.input_ceiling)
         pads = (EDGE_PAD,) * 4 + ((0, 0) if self.net.dims == 3 else ())
         padded = F.pad(norm, pads, mode="reflect")
         ctirf = self.net(padded).ctirf
@@ -93,6 +95,8 @@ def arch_kwargs(model: ETNet, percentile: float) -> dict[str, Any]:
     kwargs = dict(model.arch_config()["kwargs"])
     kwargs["optics"] = model.optics.model_dump(mode="json")
     kwargs["percentile"] = float(percentile)
+    if model.input_ceiling != 1.0:
+        kwargs["input_ceiling"] = model.input_ceiling
     if model.psf_model == "measured":
         kwargs["psf_shape"] = list(model.forward_model.psf.shape)
     return kwargs
@@ -105,4 +109,5 @@ def from_etnet(model: ETNet, percentile: float = 98.0) -> CTIRFNet:
     if model.psf_model == "measured":
         state["psf"] = model.forward_model.psf
     wrapped.load_state_dict(state, strict=True)
+    wrapped.net.input_ceiling = model.input_ceiling
     return wrapped.eval()

@@ -329,7 +329,11 @@ def _restore_block(
     x0, x1, cx0, cx1 = _extent(grid[1], ix, seam)
     ny, nx = sum(grid[0]), sum(grid[1])
     s = float(scale.ravel()[0])
-    norm = np.clip(block.reshape(block.shape[-2:]).astype(np.float32) / np.float32(s), 0, 1)
+    norm = np.clip(
+        block.reshape(block.shape[-2:]).astype(np.float32) / np.float32(s),
+        0,
+        restorer.input_ceiling,
+    )
     pad = (
         (EDGE_PAD * (y0 == 0), EDGE_PAD * (y1 == ny)),
         (EDGE_PAD * (x0 == 0), EDGE_PAD * (x1 == nx)),

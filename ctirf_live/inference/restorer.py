@@ -143,6 +143,7 @@ class Restorer:
         self.tile, self.overlap, self.batch_size = tile, overlap, max(1, batch_size)
         norm = self.metadata.get("normalization") or {}
         self.percentile = float(percentile or norm.get("percentile", 98.0))
+        self.input_ceiling = self.model.input_ceiling
         self.warmed_up = False
 
     @property
@@ -161,6 +162,7 @@ class Restorer:
             "optics": self.optics.model_dump(),
             "psf": {"model": self.model.psf_model},
             "percentile": self.percentile,
+            "input_ceiling": self.input_ceiling,
             "device": str(self.device),
             "half_precision": self.half,
             "backend": self.backend,
@@ -221,7 +223,7 @@ class Restorer:
         return arr
 
     def _restore_one(self, item: np.ndarray, output: str) -> np.ndarray:
-        norm, scale = normalize(item, self.percentile)
+        norm, scale = normalize(item, self.percentile, ceiling=self.input_ceiling)
         pad = [(0, 0)] * (norm.ndim - 2) + [(EDGE_PAD, EDGE_PAD)] * 2
         padded = np.pad(norm, pad, mode="reflect")
         if self.dims == 3:

@@ -132,6 +132,7 @@ class ETNet(nn.Module):
         self.optics = optics
         self.dims = dims
         self.axial_unblur = int(axial_unblur)
+        self.input_ceiling: float | None = 1.0  # where inputs are clipped (Eq. 1: 1)
         self.psf_model = "measured" if psf is not None else psf_model
         self.backbone = EViTUNet(
             variant,
@@ -288,7 +289,10 @@ def save_model(
         "architecture": model.arch_config(),
         "optics": model.optics.model_dump(),
         "psf": {"model": model.psf_model, "shape": list(psf.shape)},
-        "normalization": {"percentile": float(percentile)},
+        "normalization": {
+            "percentile": float(percentile),
+            "input_ceiling": model.input_ceiling,
+        },
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
@@ -343,6 +347,12 @@ def _check_arch_kwargs(name: str, kwargs: dict[str, Any], metadata: dict[str, An
     )
 
 
+def input_ceiling_of(metadata: dict[str, Any]) -> float | None:
+    """The input clip a checkpoint's model was trained with (Eq. 1's 1 when unrecorded)."""
+    value = (metadata.get("normalization") or {}).get("input_ceiling", 1.0)
+    return None if value is None else float(value)
+
+
 def load_model(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
@@ -358,5 +368,6 @@ def load_model(
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     check_state_dict(model, weights)
     model.load_state_dict(weights)
+    model.input_ceiling = input_ceiling_of(metadata)
     metadata["path"] = str(path)
     return model.to(device).eval(), metadata

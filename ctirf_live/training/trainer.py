@@ -191,7 +191,7 @@ def finetune_settings(base: TrainSettings | None = None, **changes: Any) -> Trai
     """`base` (default TrainSettings) with the fine-tuning schedule, then `changes`."""
     base = base or TrainSettings()
     values = {
-        **base.model_dump(),
+        **base.model_dump(exclude_unset=True),
         "epochs": FINETUNE_EPOCHS,
         "warmup_epochs": FINETUNE_WARMUP_EPOCHS,
         "lr": FINETUNE_LR,
@@ -352,7 +352,7 @@ def evaluate_model(
     with torch.inference_mode():
         for i, pair in enumerate(source.pairs):
             reference = pair.truth if use_truth and pair.truth is not None else pair.tirf
-            epi, _ = normalize(pair.epi, percentile)
+            epi, _ = normalize(pair.epi, percentile, ceiling=model.input_ceiling)
             x = torch.from_numpy(epi)[None, None].to(dev)
             with _autocast(dev):
                 ctirf = model(x).ctirf.float()[0, 0].cpu().numpy()
@@ -438,6 +438,11 @@ class _Run:
         self.train_source = train_source
         self.val_source = val_source if val_source is not None and len(val_source) else None
         spe = samples_per_epoch or max(len(train_source), settings.batch_size)
+        # the input clip is part of the model: a fine-tune keeps its base model's unless
+        # the settings name one, and the checkpoint records it for inference
+        if "input_ceiling" in settings.model_fields_set:
+            model.input_ceiling = settings.input_ceiling
+        input_ceiling = model.input_ceiling
         self.train_data = CropDataset(
             train_source,
             settings.crop,
@@ -448,6 +453,7 @@ class _Run:
             variance_scaling=settings.variance_scaling,
             target_scale="input" if supervise.startswith("g") else "own",
             target_ceiling=settings.target_ceiling,
+            input_ceiling=input_ceiling,
         )
         self.val_data = (
             CropDataset(
@@ -458,6 +464,7 @@ class _Run:
                 variance_scaling=settings.variance_scaling,
                 target_scale="input" if supervise.startswith("g") else "own",
                 target_ceiling=settings.target_ceiling,
+                input_ceiling=input_ceiling,
             )
             if self.val_source is not None
             else None
