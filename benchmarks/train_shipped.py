@@ -132,6 +132,18 @@ def main() -> None:
         default=LossWeights().b2,
         help="weight of the background map's total variation (LossWeights.b2)",
     )
+    parser.add_argument(
+        "--target-ceiling",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=1.0,
+        help="clip of the normalised TIRF targets (paper Eq. 1: 1; 'none': no clip)",
+    )
+    parser.add_argument(
+        "--input-ceiling",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=1.0,
+        help="clip of the normalised EPI inputs (Eq. 1: 1; recorded in the checkpoint)",
+    )
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--samples-per-epoch", type=int, default=200)
@@ -172,6 +184,8 @@ def main() -> None:
             seed=0,
             variance_scaling=args.variance_scaling,
             loss=LossWeights(leak=args.leak, self_supervised=args.self_supervised, b2=args.tv_b),
+            target_ceiling=args.target_ceiling,
+            input_ceiling=args.input_ceiling,
         )
         torch.manual_seed(0)
         model = ET2dNet(train_src.optics, args.variant, attn_up_eighth=args.attn_up_eighth)
