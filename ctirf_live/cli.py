@@ -385,7 +385,7 @@ def _training_settings(
     if crop is None and frame_side < 32:
         raise ValueError(f"frames of {frame_side} px are too small to train on (at least 32 px)")
     changes["crop"] = crop if crop is not None else min(base.crop, frame_side // 32 * 32)
-    return type(base)(**{**base.model_dump(), **changes})
+    return type(base)(**{**base.model_dump(exclude_unset=True), **changes})
 
 
 def _record_consistency(result: Any) -> None:

@@ -20,6 +20,7 @@ from ctirf_live.training.trainer import (
     evaluate_model,
     finetune,
     finetune_settings,
+    inherit_target_ceiling,
     lr_at,
     optics_differ,
     seed_everything,
@@ -289,6 +290,11 @@ def test_input_ceiling_is_recorded_and_a_finetune_keeps_it(
     assert meta["normalization"]["input_ceiling"] is None and model.input_ceiling is None
     settings = finetune_settings(epochs=1, crop=64, batch_size=2, val_fraction=0.25)
     ft = finetune(result.last_path, pairs, settings, tmp_path / "ft", device="cpu", progress=False)
-    assert load_model(ft.best_path)[0].input_ceiling is None
+    ft_model, ft_meta = load_model(ft.best_path)
+    assert ft_model.input_ceiling is None
+    assert ft_meta["provenance"]["settings"]["target_ceiling"] is None  # inherited too
+    named = inherit_target_ceiling(finetune_settings(target_ceiling=2.0), ft_meta)
+    assert named.target_ceiling == 2.0
+    assert inherit_target_ceiling(finetune_settings(), {"provenance": {}}).target_ceiling == 1.0
     plain, plain_meta = load_model(save_model(_model(pairs.optics), tmp_path / "eq1.safetensors"))
     assert plain.input_ceiling == 1.0 and plain_meta["normalization"]["input_ceiling"] == 1.0

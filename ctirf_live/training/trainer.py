@@ -283,7 +283,8 @@ def finetune(
     """
     settings = settings or finetune_settings()
     path = resolve_model_path(checkpoint)
-    model, _ = load_model(path)
+    model, meta = load_model(path)
+    settings = inherit_target_ceiling(settings, meta)
     notes = []
     if optics_differ(model.optics, source.optics):
         notes.append(
@@ -310,6 +311,17 @@ def finetune(
     result.notes[:0] = notes
     result.consistency = calibrate_monitor(result.best_path, val_source, train_source)
     return result
+
+
+def inherit_target_ceiling(settings: TrainSettings, metadata: dict[str, Any]) -> TrainSettings:
+    """`settings` with the base checkpoint's TIRF target clip unless they name one: a
+    fine-tune asks for the same kind of target the model learnt (checkpoints that do not
+    record it were trained with Eq. 1's clip at 1)."""
+    if "target_ceiling" in settings.model_fields_set:
+        return settings
+    trained = (metadata.get("provenance") or {}).get("settings") or {}
+    ceiling = trained.get("target_ceiling", 1.0)
+    return settings.model_copy(update={"target_ceiling": ceiling})
 
 
 def resolve_model_path(name_or_path: str | Path) -> str | Path:
