@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.train_shipped import warm_start
+from benchmarks.train_shipped import add_ceiling_options, warm_start
 from ctirf_live.config import LossWeights, TrainSettings
 from ctirf_live.data.loaders import FramePair, PairSource, simulated_fields, snap_pair
 from ctirf_live.models.etnet import ET2dNet
@@ -103,18 +103,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=256, help="training crop side (px)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--samples-per-epoch", type=int, default=48)
-    ap.add_argument(
-        "--target-ceiling",
-        type=lambda v: None if v.lower() == "none" else float(v),
-        default=1.0,
-        help="clip of the normalised TIRF targets (paper Eq. 1: 1; 'none': no clip)",
-    )
-    ap.add_argument(
-        "--input-ceiling",
-        type=lambda v: None if v.lower() == "none" else float(v),
-        default=1.0,
-        help="clip of the normalised EPI inputs (Eq. 1: 1; recorded in the checkpoint)",
-    )
+    add_ceiling_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()

@@ -81,6 +81,26 @@ def warm_start(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     return missing
 
 
+def _ceiling(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def add_ceiling_options(parser: argparse.ArgumentParser) -> None:
+    """--target-ceiling and --input-ceiling: where Eq. 1 clips targets and inputs."""
+    parser.add_argument(
+        "--target-ceiling",
+        type=_ceiling,
+        default=1.0,
+        help="clip of the normalised TIRF targets (paper Eq. 1: 1; 'none': no clip)",
+    )
+    parser.add_argument(
+        "--input-ceiling",
+        type=_ceiling,
+        default=1.0,
+        help="clip of the normalised EPI inputs (Eq. 1: 1; recorded in the checkpoint)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", default="S0")
@@ -132,18 +152,7 @@ def main() -> None:
         default=LossWeights().b2,
         help="weight of the background map's total variation (LossWeights.b2)",
     )
-    parser.add_argument(
-        "--target-ceiling",
-        type=lambda v: None if v.lower() == "none" else float(v),
-        default=1.0,
-        help="clip of the normalised TIRF targets (paper Eq. 1: 1; 'none': no clip)",
-    )
-    parser.add_argument(
-        "--input-ceiling",
-        type=lambda v: None if v.lower() == "none" else float(v),
-        default=1.0,
-        help="clip of the normalised EPI inputs (Eq. 1: 1; recorded in the checkpoint)",
-    )
+    add_ceiling_options(parser)
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--samples-per-epoch", type=int, default=200)
