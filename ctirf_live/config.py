@@ -206,9 +206,13 @@ class TrainSettings(BaseModel):
     percentile: float = Field(98.0, gt=0, le=100)
     variance_scaling: Literal["weight", "target", "none"] = "weight"
     target_ceiling: float | None = Field(
-        1.0,
+        None,
         gt=0,
-        description="clip normalised TIRF targets here (paper Eq. 1: 1); None: no clip",
+        description=(
+            "clip normalised TIRF targets here; None (default): no clip. Paper Eq. 1 clips"
+            " at 1, which flattens the in-focus structures a model must keep brighter than"
+            " those a few hundred nm up (RESULTS 'Probe: Eq. 1's clip')"
+        ),
     )
     input_ceiling: float | None = Field(
         1.0,

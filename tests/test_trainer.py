@@ -296,5 +296,10 @@ def test_input_ceiling_is_recorded_and_a_finetune_keeps_it(
     named = inherit_target_ceiling(finetune_settings(target_ceiling=2.0), ft_meta)
     assert named.target_ceiling == 2.0
     assert inherit_target_ceiling(finetune_settings(), {"provenance": {}}).target_ceiling == 1.0
+    # recipes: 2D training drops Eq. 1's clip on targets; distillation keeps it
+    assert TrainSettings().target_ceiling is None
+    from ctirf_live.training.distill import distill_settings
+
+    assert distill_settings().target_ceiling == 1.0
     plain, plain_meta = load_model(save_model(_model(pairs.optics), tmp_path / "eq1.safetensors"))
     assert plain.input_ceiling == 1.0 and plain_meta["normalization"]["input_ceiling"] == 1.0
