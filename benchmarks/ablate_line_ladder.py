@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--samples-per-epoch", type=int, default=48)
     add_ceiling_options(ap)
+    ap.add_argument(
+        "--self-supervised", type=float, default=0.3, help="weight of the physics term"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -125,7 +128,7 @@ def main() -> None:
         crop=args.crop,
         batch_size=args.batch,
         seed=0,
-        loss=LossWeights(self_supervised=0.3),
+        loss=LossWeights(self_supervised=args.self_supervised),
         target_ceiling=args.target_ceiling,
         input_ceiling=args.input_ceiling,
     )
