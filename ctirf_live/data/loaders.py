@@ -7,7 +7,7 @@ shows, from an on-disk `PairedDataset` or rendered by a `SimulatedMicroscope`.
 - each frame is percentile-normalised once, over the whole frame (Eq. 1), so all crops
   of a frame share its scale; Eq. 1 clips at 1, which for TIRF targets flattens the
   brightest ~2% of pixels, the in-focus structures themselves (a stress fibre on the
-  glass, 3-4x the 98th percentile, ends up no brighter than one 0.2 um up), so
+  glass, 3-4x the 98th percentile, is cut to 1 while one 0.2 um up keeps ~0.55), so
   `target_ceiling` and `input_ceiling` raise or drop that clip (None: none);
 - a random `crop` x `crop` window (default 512); with `rotation_probability` (0.8) the
   crop is then transformed by one of the 7 non-identity symmetries of the square (90,
