@@ -366,6 +366,21 @@ BackendOption = Annotated[
 VariantOption = Annotated[str, typer.Option(help=VARIANT_HELP)]
 CropOption = Annotated[int | None, typer.Option(min=32, help=CROP_HELP)]
 EpochsOption = Annotated[int | None, typer.Option(min=1, help="Epochs (default 200)")]
+TargetCeilingOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0,
+        help="Clip normalised TIRF targets at this value (1: the paper's Eq. 1; 0: no clip). "
+        "Default: no clip for train, the base model's for finetune",
+    ),
+]
+
+
+def _with_target_ceiling(settings: Any, ceiling: float | None) -> Any:
+    """`settings` with the user's --target-ceiling (0 means no clip); unchanged without it."""
+    if ceiling is None:
+        return settings
+    return settings.model_copy(update={"target_ceiling": ceiling or None})
 
 
 def _training_settings(
@@ -456,6 +471,7 @@ def train_command(
         bool,
         typer.Option(help="Attention upsampling at 1/16 -> 1/8 too (EViT-UNet reference)"),
     ] = True,
+    target_ceiling: TargetCeilingOption = None,
     resume: ResumeOption = True,
     keep_resume: KeepResumeOption = False,
     device: DeviceOption = "auto",
@@ -494,6 +510,7 @@ def train_command(
         seed,
         min(source.shape),
     )
+    settings = _with_target_ceiling(settings, target_ceiling)
     check_crop(source, settings.crop)
     train_source, val_source = split_by_field(source, settings.val_fraction, seed)
     model = ET2dNet(source.optics, variant, attn_up_eighth=attn_up_eighth)
@@ -715,6 +732,7 @@ def finetune(
     baseline: Annotated[
         bool, typer.Option(help="Ablation: no self-supervised (reconstructed EPI) branch")
     ] = False,
+    target_ceiling: TargetCeilingOption = None,
     resume: ResumeOption = True,
     keep_resume: KeepResumeOption = False,
     device: DeviceOption = "auto",
@@ -729,6 +747,7 @@ def finetune(
     settings = _training_settings(
         finetune_settings(), epochs, crop, batch_size, seed, min(source.shape)
     )
+    settings = _with_target_ceiling(settings, target_ceiling)
     check_crop(source, settings.crop)
     console.print(
         f"fine-tuning {from_} on {source.description} ({len(source)} pairs, "

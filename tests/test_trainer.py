@@ -197,6 +197,20 @@ def test_cli_train_models_and_finetune_end_to_end(pairs: PairSource, tmp_path: P
     prov = meta["provenance"]
     used = sorted(prov["train_files"] + prov["val_files"])
     assert used == sorted(rec.file for rec in PairedDataset.open(data).pairs)
+    # train's default is unclipped targets; a fine-tune inherits it unless told otherwise
+    _, base_meta = load_model(out / "best.safetensors")
+    assert base_meta["provenance"]["settings"]["target_ceiling"] is None
+    assert prov["settings"]["target_ceiling"] is None
+    paper = runner.invoke(
+        app,
+        [
+            *f"finetune --data {data} --from {out} --epochs 1 --crop 64".split(),
+            *("--target-ceiling", "1", "-o", str(tmp_path / "paper")),
+        ],
+    )
+    assert paper.exit_code == 0, paper.output
+    _, paper_meta = load_model(tmp_path / "paper" / "best.safetensors")
+    assert paper_meta["provenance"]["settings"]["target_ceiling"] == 1.0
 
 
 @pytest.mark.parametrize(
