@@ -58,7 +58,6 @@ class CTIRFNet(nn.Module):
         if measured and not psf_shape:
             raise ValueError("a measured PSF needs psf_shape (its tensor comes with the weights)")
         self.percentile = float(percentile)
-        self.input_ceiling = None if input_ceiling is None else float(input_ceiling)
         self.net = ETNet(
             Optics(**optics),
             variant,
@@ -67,6 +66,7 @@ class CTIRFNet(nn.Module):
             psf=torch.zeros(tuple(psf_shape)).numpy() if measured else None,
             attn_up_eighth=attn_up_eighth,
         )
+        self.net.input_ceiling = None if input_ceiling is None else float(input_ceiling)
         if measured:
             # the measured PSF travels in the state dict; set it into the forward model on load
             self.register_buffer("psf", self.net.forward_model.psf.clone())
@@ -78,7 +78,7 @@ class CTIRFNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         scale = percentile_scale(x, self.percentile)
-        norm = (x / scale).clamp(0.0, self.input_ceiling)
+        norm = (x / scale).clamp(0.0, self.net.input_ceiling)
         pads = (EDGE_PAD,) * 4 + ((0, 0) if self.net.dims == 3 else ())
         padded = F.pad(norm, pads, mode="reflect")
         ctirf = self.net(padded).ctirf
@@ -109,5 +109,4 @@ def from_etnet(model: ETNet, percentile: float = 98.0) -> CTIRFNet:
     if model.psf_model == "measured":
         state["psf"] = model.forward_model.psf
     wrapped.load_state_dict(state, strict=True)
-    wrapped.net.input_ceiling = model.input_ceiling
     return wrapped.eval()

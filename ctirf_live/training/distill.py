@@ -29,7 +29,7 @@ import torch
 
 from ctirf_live.config import TrainSettings
 from ctirf_live.data.loaders import FramePair, PairSource
-from ctirf_live.data.normalize import percentile_scale
+from ctirf_live.data.normalize import normalize
 from ctirf_live.data.stacks import StackSet
 from ctirf_live.models.etnet import ET3dNet, ETNet, load_model
 from ctirf_live.training.trainer import TrainError, TrainResult, _Run
@@ -51,9 +51,7 @@ def teacher_targets(
     stack's raw units (divide by the stack's percentile scale for the normalised map)."""
     if teacher.dims != 2:
         raise TrainError("the teacher must be an ET2dNet (2D) checkpoint")
-    arr = np.asarray(stack, np.float32)
-    scale = percentile_scale(arr, percentile)
-    norm = np.clip(arr / np.float32(scale), 0.0, teacher.input_ceiling)
+    norm, scale = normalize(stack, percentile, ceiling=teacher.input_ceiling)
     teacher = teacher.to(device).eval()
     out = np.empty_like(norm)
     for k, plane in enumerate(norm):
