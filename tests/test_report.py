@@ -15,7 +15,7 @@ from ctirf_live.cli import app
 from ctirf_live.data.dataset import PairedDataset
 from ctirf_live.data.loaders import PairSource
 from ctirf_live.data.tiff import write_ome_tiff
-from ctirf_live.evaluation.axial import axial_resolution, simulated_stack
+from ctirf_live.evaluation.axial import axial_resolution, simulated_stack, stack_planes_um
 from ctirf_live.evaluation.report import (
     EvaluationError,
     comparison_figure,
@@ -132,6 +132,18 @@ def test_axial_resolution_on_a_simulated_stack() -> None:
             assert 0 < kc <= 1
             assert result[name][axis]["resolution_nm"] == pytest.approx(200.0 / kc)
     assert result["ratio"]["xz"] == pytest.approx(1.0) and result["ratio"]["mean"] == 1.0
+
+
+def test_simulated_stacks_render_the_specimen_finely_wherever_focus_goes() -> None:
+    # the paper's stack: 201 planes at 100 nm from 1 um below the coverslip
+    planes = stack_planes_um(201, 0.1, -1.0, 0.1)
+    assert planes is not None
+    fine = planes[planes <= 15.0]
+    assert np.diff(fine).max() == pytest.approx(0.1)  # no coarse gap up to the top emitter
+    short = stack_planes_um(20, 0.1, -1.0, 0.1)
+    assert short is not None and np.diff(short[short <= 2.9]).max() == pytest.approx(0.1)
+    assert np.diff(short[short > 3.0]).min() > 0.1  # beyond focus + 2 um: the default planes
+    assert stack_planes_um(20, 0.1, -1.0, None) is None
 
 
 def test_axially_sharper_restoration_raises_the_axial_cutoff() -> None:

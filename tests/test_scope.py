@@ -6,6 +6,7 @@ from scipy import ndimage
 from skimage.registration import phase_cross_correlation
 
 from ctirf_live.optics.psf import focal_shift_factor
+from ctirf_live.sim.sample import cell_at
 from ctirf_live.sim.scope import (
     DEFAULT_RIGS,
     MAX_ADU,
@@ -16,6 +17,7 @@ from ctirf_live.sim.scope import (
     _tirf_plane_weights,
     get_microscope,
     reset_microscope,
+    uniform_planes_um,
 )
 
 SIDE = 160
@@ -312,3 +314,42 @@ def test_shared_microscope_can_be_replaced() -> None:
         second.objective = "40X"
     with pytest.raises(ValueError):
         second.set_illumination("HILO")
+
+
+def test_uniform_planes_keep_axial_detail_where_the_default_planes_thin_out() -> None:
+    planes = uniform_planes_um(0.1)
+    assert np.all(np.diff(planes) <= 0.1 + 1e-9) and planes[0] == 0.0
+    np.testing.assert_array_equal(planes[planes <= 0.5], SAMPLE_PLANES_UM[SAMPLE_PLANES_UM <= 0.5])
+    cell = cell_at(0, 0, 0)
+    assert cell is not None
+    fine, coarse = (SimulatedMicroscope(seed=0, drift_px=0.0, planes_um=p) for p in (planes, None))
+    for s in (fine, coarse):
+        s.centre_roi(64)
+        s.xy_um = (cell.cx, cell.cy)
+    np.testing.assert_array_equal(fine.specimen_z_um, planes)
+    assert fine.specimen().shape[0] == planes.size
+    # focused on the coverslip both renderings agree (the low planes are the same)
+    epi = [s.noise_free("EPI") for s in (fine, coarse)]
+    assert np.abs(epi[0] - epi[1]).mean() < 0.05 * epi[1].mean()
+
+    def sections(s: SimulatedMicroscope) -> np.ndarray:
+        """In-focus sections every 0.1 um of focus, 2.5-5 um up (the cell's nucleus)."""
+        out = []
+        for z in np.arange(2.5, 5.0, 0.1):
+            s.z_um = float(z)
+            out.append(s.in_focus_section())
+        return np.array(out)
+
+    a, b = sections(fine), sections(coarse)
+    assert a.sum() == pytest.approx(b.sum(), rel=0.15)  # the same specimen
+    # where the default planes are 0.2-0.4 um apart, sections slide smoothly between them;
+    # the fine planes keep the specimen's own axial detail (curvature along Z)
+    curvature = [float((np.diff(x, 2, axis=0) ** 2).sum() / (x**2).sum()) for x in (a, b)]
+    assert curvature[0] > 10 * curvature[1]
+
+
+def test_bad_specimen_planes_are_refused() -> None:
+    with pytest.raises(ValueError, match="increasing"):
+        SimulatedMicroscope(planes_um=[0.0, 0.2, 0.1])
+    with pytest.raises(ValueError, match="plane step"):
+        uniform_planes_um(0.0)

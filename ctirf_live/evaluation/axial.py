@@ -33,6 +33,13 @@ FLICKER_KC = 0.95
 """A cut-off this close to Nyquist means plane-to-plane noise, not axial detail."""
 DEFAULT_Z_START_UM = -1.0
 """Simulated stacks start 1 um below the coverslip and move focus up through the cell."""
+STACK_PLANE_STEP_UM = 0.1
+"""Specimen plane spacing of simulated stacks (`sim.scope.uniform_planes_um`): the stack's
+own step, so the specimen holds axial detail up to the stack's Nyquist frequency at every
+height, not only in the first 1.6 um where the default planes are fine."""
+FINE_PLANES_ABOVE_UM = 2.0
+"""Fine planes reach this far above the stack's highest focus (nominal); beyond it the
+specimen only adds haze, and the default planes do."""
 
 
 def simulated_stack(
@@ -44,12 +51,15 @@ def simulated_stack(
     z_start_um: float = DEFAULT_Z_START_UM,
     exposure_ms: float = 100.0,
     progress: Callable[[int, int], None] | None = None,
+    plane_step_um: float | None = STACK_PLANE_STEP_UM,
 ) -> tuple[np.ndarray, Optics]:
     """An EPI z-stack (Z, size, size) float32 of a simulated cell, with camera noise.
 
     Focus moves from `z_start_um` up in `step_um` steps (the paper: 201 planes at
     100 nm). The field is centred on the cell at grid site (0, 0) of slide `seed`, away
-    from the sites `PairSource.synthetic` trains on. Returns (stack, the objective's optics).
+    from the sites `PairSource.synthetic` trains on. The specimen is rendered every
+    `plane_step_um` (None: the training frames' planes, coarse above 1.6 um). Returns
+    (stack, the objective's optics).
     """
     from ctirf_live.sim.sample import cell_at
     from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
@@ -59,7 +69,8 @@ def simulated_stack(
         raise ValueError(f"z step must be positive, got {step_um} um")
     if not 32 <= size <= min(SENSOR_SHAPE):
         raise ValueError(f"simulated stack frames must be 32-{min(SENSOR_SHAPE)} px, got {size}")
-    scope = SimulatedMicroscope(seed=seed, drift_px=0.0)
+    planes = stack_planes_um(n_planes, step_um, z_start_um, plane_step_um)
+    scope = SimulatedMicroscope(seed=seed, drift_px=0.0, planes_um=planes)
     scope.objective = objective
     scope.centre_roi(size)
     scope.exposure_ms = float(exposure_ms)
@@ -74,6 +85,21 @@ def simulated_stack(
         if progress is not None:
             progress(k + 1, n_planes)
     return stack, scope.optics
+
+
+def stack_planes_um(
+    n_planes: int, step_um: float, z_start_um: float, plane_step_um: float | None
+) -> np.ndarray | None:
+    """Specimen heights for a simulated stack: every `plane_step_um` up to
+    `FINE_PLANES_ABOVE_UM` above its highest focus, the default planes beyond (None:
+    the default planes throughout)."""
+    from ctirf_live.sim.sample import TOP_UM
+    from ctirf_live.sim.scope import uniform_planes_um
+
+    if plane_step_um is None:
+        return None
+    top = max(z_start_um + (n_planes - 1) * step_um, 0.0) + FINE_PLANES_ABOVE_UM
+    return uniform_planes_um(plane_step_um, top_um=min(top, TOP_UM))
 
 
 def check_planes(n_planes: int) -> None:

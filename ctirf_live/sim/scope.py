@@ -47,6 +47,7 @@ from ctirf_live.optics.tirf import (
 from ctirf_live.sim.sample import (
     DEFAULT_FAMILY,
     FILAMENT_SIGMA_UM,
+    TOP_UM,
     AxialSampling,
     SpecimenRenderer,
     check_family,
@@ -366,7 +367,9 @@ class SimulatedMicroscope:
 
     `drift_px` (the constructor argument) is the standard deviation, in pixels, of the
     stage drift drawn at each EPI<->TIRF switch (clipped below 2 px); the attribute
-    `drift_px` is the current drift (dy, dx): image content moves by it.
+    `drift_px` is the current drift (dy, dx): image content moves by it. `planes_um`:
+    the heights the slide's specimen is rendered at (default `SAMPLE_PLANES_UM`; see
+    `uniform_planes_um` for stacks focused through the cell).
     """
 
     def __init__(
@@ -376,8 +379,10 @@ class SimulatedMicroscope:
         drift_px: float = 0.8,
         family: str = DEFAULT_FAMILY,
         rigs: dict[str, SimRig] | None = None,
+        planes_um: Sequence[float] | None = None,
     ) -> None:
         self.lock = threading.RLock()
+        self._planes = SAMPLE_PLANES_UM if planes_um is None else _checked_planes(planes_um)
         self.seed = int(seed)
         self.family = check_family(family)
         if rigs is None and objectives is None:
@@ -550,7 +555,7 @@ class SimulatedMicroscope:
     @property
     def specimen_z_um(self) -> np.ndarray:
         """Heights of the planes of `specimen()`."""
-        return SAMPLE_PLANES_UM.copy() if self._override is None else self._override[1].copy()
+        return self._planes.copy() if self._override is None else self._override[1].copy()
 
     # ---------------------------------------------------------------- fields
     def _field(self) -> _Field:
@@ -570,7 +575,7 @@ class SimulatedMicroscope:
         origin = (y - margin, x - margin)
         band = _Band.for_optics(optics, (ny, nx))
         if self._override is None:
-            z = SAMPLE_PLANES_UM
+            z = self._planes
             cy, cx = (SENSOR_SHAPE[0] - 1) / 2, (SENSOR_SHAPE[1] - 1) / 2
             centre = (
                 x_um + (origin[1] + (nx - 1) / 2 - cx) * p,
@@ -769,7 +774,7 @@ class SimulatedMicroscope:
                         self.xy_um[1] + (y + (h - 1) / 2 - cy) * p,
                     )
                     vol = SpecimenRenderer(
-                        self.seed, centre, (h, w), p, SAMPLE_PLANES_UM, self.family
+                        self.seed, centre, (h, w), p, self._planes, self.family
                     ).render()
                 else:
                     vol = self._override_region(self._override[0], (y, x), (h, w))
@@ -794,6 +799,29 @@ class SimulatedMicroscope:
             self._fields.clear()
             if otfs:
                 _OTFS.clear()
+
+
+def uniform_planes_um(step_um: float, top_um: float = TOP_UM) -> np.ndarray:
+    """Specimen heights `SAMPLE_PLANES_UM` up to 0.5 um, every `step_um` from there to
+    `top_um`, and the default planes above.
+
+    For z-stacks that focus up through the cell: the default planes thin out above
+    1.6 um (only haze when focus is on the coverslip), which caps the axial detail a
+    stack focused up there can show at the planes' spacing (0.2-1.2 um), not the optics'.
+    """
+    if not 0 < step_um <= 1:
+        raise ValueError(f"plane step must be in (0, 1] um, got {step_um}")
+    low = SAMPLE_PLANES_UM[SAMPLE_PLANES_UM <= 0.5]
+    mid = np.arange(low[-1] + step_um, top_um + 1e-6, step_um)
+    top = mid[-1] if mid.size else low[-1]
+    high = SAMPLE_PLANES_UM[SAMPLE_PLANES_UM > top + 1e-6]
+    return np.round(np.concatenate([low, mid, high]), 4)
+
+
+def _checked_planes(planes_um: Sequence[float]) -> np.ndarray:
+    z = np.asarray(planes_um, float)
+    AxialSampling(z)  # validates the heights
+    return z
 
 
 @functools.lru_cache(maxsize=32)
