@@ -1212,7 +1212,9 @@ def evaluate(
     comparison figure and measure axial resolution on a z-stack (evaluation.json/.csv,
     comparison.png, axial.json, axial_xz.png); with --adaptation, fine-tune the hybrid and
     the baseline model and record MS-SSIM per epoch (adaptation.json/.png)."""
-    from ctirf_live.evaluation.axial import simulated_stack
+    import numpy as np
+
+    from ctirf_live.evaluation.axial import STACK_PLANE_STEP_UM, simulated_stack
     from ctirf_live.evaluation.report import hold_out_trained
     from ctirf_live.inference.restorer import Restorer, pixel_size_warning
     from ctirf_live.training.trainer import resolve_model_path
@@ -1257,12 +1259,18 @@ def evaluate(
         if loaded is None:
             step = z_step or 0.1
             bar, update = _progress(f"simulating {planes}-plane stack")
+            truth = np.empty((planes, size, size), np.float32)
             with bar:
                 epi, optics = simulated_stack(
-                    planes, step, size, seed, sim_objective, progress=update
+                    planes, step, size, seed, sim_objective, progress=update, truth=truth
                 )
-            origin = f"simulated ({sim_objective}, seed {seed}, {planes} x {size} x {size} px)"
+            origin = (
+                f"simulated ({sim_objective}, seed {seed}, {planes} x {size} x {size} px, "
+                f"specimen planes every {STACK_PLANE_STEP_UM:g} um)"
+            )
             loaded = (epi, optics.pixel_size_um, step, origin)
+            _evaluate_axial(restorer, *loaded, out, truth=truth)
+            return
         _evaluate_axial(restorer, *loaded, out)
 
 
@@ -1363,7 +1371,13 @@ def _evaluate_pairs(restorer: Any, source: Any, names: list[str], out: Path) -> 
 
 
 def _evaluate_axial(
-    restorer: Any, epi: Any, pixel: float, step: float, origin: str, out: Path
+    restorer: Any,
+    epi: Any,
+    pixel: float,
+    step: float,
+    origin: str,
+    out: Path,
+    truth: Any = None,
 ) -> None:
     import json
 
@@ -1372,7 +1386,10 @@ def _evaluate_axial(
     bar, update = _progress("cTIRF stack")
     with bar:
         ctirf = restore_stack(restorer, epi, update)
-    result = {"stack": origin, **axial_resolution(restorer, epi, pixel, step, ctirf=ctirf)}
+    result = {
+        "stack": origin,
+        **axial_resolution(restorer, epi, pixel, step, ctirf=ctirf, truth=truth),
+    }
     (out / "axial.json").write_text(json.dumps(result, indent=2) + "\n")
     axial_figure(epi, ctirf, out / "axial_xz.png", pixel, step, result=result)
     for w in result["warnings"]:
@@ -1383,6 +1400,12 @@ def _evaluate_axial(
         ratio = result["ratio"][axis]
         parts.append(f"{axis.upper()} kc {e:.2f} -> {c:.2f} (x{ratio:.2f})" if ratio else axis)
     console.print(f"axial resolution (EPI -> cTIRF): {'; '.join(parts)}", highlight=False)
+    if ideal := result.get("ideal_ratio"):
+        console.print(
+            "a perfect 100 nm section of this simulated stack would reach "
+            + " / ".join(f"x{ideal[a]:.2f} ({a.upper()})" for a in ("xz", "yz") if ideal[a]),
+            highlight=False,
+        )
     console.print(f"wrote {out / 'axial.json'} and axial_xz.png", soft_wrap=True)
 
 

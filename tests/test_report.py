@@ -86,8 +86,10 @@ def test_evaluate_cli_writes_table_figure_and_axial(checkpoint: Path, tmp_path: 
     assert (out / "comparison.png").stat().st_size > 30_000
     axial = json.loads((out / "axial.json").read_text())
     assert axial["planes"] == 20 and axial["stack"].startswith("simulated")
-    for stack in ("epi", "ctirf"):
+    for stack in ("epi", "ctirf", "truth"):
         assert all(0 <= axial[stack][a]["kc"] <= 1 for a in ("xz", "yz"))
+    assert set(axial["ideal_ratio"]) == {"xz", "yz"}
+    assert "perfect 100 nm section" in result.output
     assert (out / "axial_xz.png").stat().st_size > 10_000
 
 
@@ -123,10 +125,25 @@ def test_comparison_figure_and_region_choice(pairs: PairSource, tmp_path: Path) 
 
 
 def test_axial_resolution_on_a_simulated_stack() -> None:
-    stack, optics = simulated_stack(n_planes=20, step_um=0.1, size=64, seed=1)
+    truth = np.full((20, 64, 64), np.nan, np.float32)
+    stack, optics = simulated_stack(n_planes=20, step_um=0.1, size=64, seed=1, truth=truth)
     assert stack.shape == (20, 64, 64) and stack.dtype == np.float32
-    result = axial_resolution(Oracle(), stack, optics.pixel_size_um, 0.1)  # type: ignore[arg-type]
-    for name in ("epi", "ctirf"):
+    # the perfect section: finite, noise-free, the same below the coverslip (focus clamps
+    # to the glass) and changing once focus moves up into the cell
+    assert np.all(np.isfinite(truth)) and truth.min() >= 0
+    np.testing.assert_allclose(truth[0], truth[9], rtol=1e-5)
+    assert np.abs(truth[19] - truth[11]).mean() > 0.2 * truth[11].mean()
+    with pytest.raises(ValueError, match="shape"):
+        simulated_stack(n_planes=20, size=64, truth=np.empty((2, 64, 64), np.float32))
+    result = axial_resolution(
+        Oracle(),  # type: ignore[arg-type]
+        stack,
+        optics.pixel_size_um,
+        0.1,
+        truth=truth,
+    )
+    assert set(result["ideal_ratio"]) == {"xz", "yz"}
+    for name in ("epi", "ctirf", "truth"):
         for axis in ("xz", "yz"):
             kc = result[name][axis]["kc"]
             assert 0 < kc <= 1

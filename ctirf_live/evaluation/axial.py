@@ -52,14 +52,18 @@ def simulated_stack(
     exposure_ms: float = 100.0,
     progress: Callable[[int, int], None] | None = None,
     plane_step_um: float | None = STACK_PLANE_STEP_UM,
+    truth: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Optics]:
     """An EPI z-stack (Z, size, size) float32 of a simulated cell, with camera noise.
 
     Focus moves from `z_start_um` up in `step_um` steps (the paper: 201 planes at
     100 nm). The field is centred on the cell at grid site (0, 0) of slide `seed`, away
     from the sites `PairSource.synthetic` trains on. The specimen is rendered every
-    `plane_step_um` (None: the training frames' planes, coarse above 1.6 um). Returns
-    (stack, the objective's optics).
+    `plane_step_um` (None: the training frames' planes, coarse above 1.6 um). `truth`,
+    an array of the stack's shape, receives the perfect answer: each plane's in-focus
+    100 nm section (`SimulatedMicroscope.in_focus_section`, photo-electrons, no noise),
+    the reference for what axial resolution a sectioning method could reach.
+    Returns (stack, the objective's optics).
     """
     from ctirf_live.sim.sample import cell_at
     from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
@@ -69,6 +73,8 @@ def simulated_stack(
         raise ValueError(f"z step must be positive, got {step_um} um")
     if not 32 <= size <= min(SENSOR_SHAPE):
         raise ValueError(f"simulated stack frames must be 32-{min(SENSOR_SHAPE)} px, got {size}")
+    if truth is not None and truth.shape != (n_planes, size, size):
+        raise ValueError(f"truth must have the stack's shape {(n_planes, size, size)}")
     planes = stack_planes_um(n_planes, step_um, z_start_um, plane_step_um)
     scope = SimulatedMicroscope(seed=seed, drift_px=0.0, planes_um=planes)
     scope.objective = objective
@@ -82,6 +88,8 @@ def simulated_stack(
     for k in range(n_planes):
         scope.z_um = float(z_start_um + k * step_um)
         stack[k] = scope.snap()
+        if truth is not None:
+            truth[k] = scope.in_focus_section()
         if progress is not None:
             progress(k + 1, n_planes)
     return stack, scope.optics
@@ -158,12 +166,15 @@ def axial_resolution(
     z_step_um: float,
     *,
     ctirf: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
     max_sections: int = MAX_SECTIONS,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Axial cut-off kc and resolution (nm) of an EPI stack and its cTIRF, XZ and YZ.
 
     `ctirf`: the stack already restored (`restore_stack`), else it is computed here.
+    `truth` (simulated stacks): the perfect section of every plane, scored the same way;
+    its ratio to EPI (`ideal_ratio`) is what this specimen lets any method reach.
     Returns kc per stack and re-slice, the cTIRF / EPI kc ratios (the resolution gain;
     the paper reports ~3x) and the settings used.
     """
@@ -186,8 +197,13 @@ def axial_resolution(
         "kc_units": "Z Nyquist frequency, 1 / (2 z_step)",
         "warnings": [w for w in [pixel_size_warning(restorer.optics, pixel_size_um)] if w],
     }
+    stacks = [("epi", arr), ("ctirf", restored)]
+    if truth is not None:
+        if np.shape(truth) != arr.shape:
+            raise ValueError(f"truth stack {np.shape(truth)} does not match the EPI stack")
+        stacks.append(("truth", np.asarray(truth, dtype=np.float32)))
     kc: dict[str, dict[str, float]] = {}
-    for name, data in (("epi", arr), ("ctirf", restored)):
+    for name, data in stacks:
         kc[name] = {
             axis: axial_cutoff(
                 data, axis, n_sectors=N_SECTORS, sector=AXIAL_SECTOR, max_sections=max_sections
@@ -204,6 +220,11 @@ def axial_resolution(
     }
     valid = [r for r in ratios.values() if r is not None]
     result["ratio"] = {**ratios, "mean": float(np.mean(valid)) if valid else None}
+    if truth is not None:
+        result["ideal_ratio"] = {
+            axis: (kc["truth"][axis] / kc["epi"][axis] if kc["epi"][axis] > 0 else None)
+            for axis in ("xz", "yz")
+        }
     if max(kc["ctirf"].values()) >= FLICKER_KC:
         result["warnings"].append(
             "cTIRF axial kc is at the Z Nyquist frequency: planes that change independently "
