@@ -35,11 +35,11 @@ from ctirf_live.evaluation.axial import (
     N_SECTORS,
     STACK_PLANE_STEP_UM,
     restore_stack,
+    stack_scope,
 )
 from ctirf_live.evaluation.metrics import axial_cutoff
 from ctirf_live.inference.restorer import Restorer
-from ctirf_live.sim.sample import cell_at
-from ctirf_live.sim.scope import MAX_ADU, SimulatedMicroscope, uniform_planes_um
+from ctirf_live.sim.scope import MAX_ADU, uniform_planes_um
 
 
 def stacks(
@@ -52,14 +52,7 @@ def stacks(
 ) -> dict[str, np.ndarray]:
     """EPI, noise-free section and noisy section stacks (Z, size, size) in camera ADU."""
     planes = None if plane_step_um is None else uniform_planes_um(plane_step_um)
-    scope = SimulatedMicroscope(seed=seed, drift_px=0.0, planes_um=planes)
-    scope.objective = "60X"
-    scope.centre_roi(size)
-    scope.exposure_ms = float(exposure_ms)
-    scope.set_illumination("EPI")
-    cell = cell_at(seed, 0, 0)
-    if cell is not None:
-        scope.xy_um = (cell.cx, cell.cy)
+    scope = stack_scope(size, seed, "60X", exposure_ms, planes)
     rng = np.random.default_rng([seed, 0xA71A])
     out = {
         k: np.empty((n_planes, size, size), np.float32)

@@ -65,8 +65,7 @@ def simulated_stack(
     the reference for what axial resolution a sectioning method could reach.
     Returns (stack, the objective's optics).
     """
-    from ctirf_live.sim.sample import cell_at
-    from ctirf_live.sim.scope import SENSOR_SHAPE, SimulatedMicroscope
+    from ctirf_live.sim.scope import SENSOR_SHAPE
 
     check_planes(n_planes)
     if step_um <= 0:
@@ -76,14 +75,7 @@ def simulated_stack(
     if truth is not None and truth.shape != (n_planes, size, size):
         raise ValueError(f"truth must have the stack's shape {(n_planes, size, size)}")
     planes = stack_planes_um(n_planes, step_um, z_start_um, plane_step_um)
-    scope = SimulatedMicroscope(seed=seed, drift_px=0.0, planes_um=planes)
-    scope.objective = objective
-    scope.centre_roi(size)
-    scope.exposure_ms = float(exposure_ms)
-    scope.set_illumination("EPI")
-    cell = cell_at(seed, 0, 0)
-    if cell is not None:
-        scope.xy_um = (cell.cx, cell.cy)
+    scope = stack_scope(size, seed, objective, exposure_ms, planes)
     stack = np.empty((n_planes, size, size), np.float32)
     for k in range(n_planes):
         scope.z_um = float(z_start_um + k * step_um)
@@ -93,6 +85,25 @@ def simulated_stack(
         if progress is not None:
             progress(k + 1, n_planes)
     return stack, scope.optics
+
+
+def stack_scope(
+    size: int, seed: int, objective: str, exposure_ms: float, planes_um: np.ndarray | None
+) -> Any:
+    """A drift-free simulated microscope in EPI on the cell at grid site (0, 0) of slide
+    `seed`, `size` px ROI, specimen rendered at `planes_um` (None: the default planes)."""
+    from ctirf_live.sim.sample import cell_at
+    from ctirf_live.sim.scope import SimulatedMicroscope
+
+    scope = SimulatedMicroscope(seed=seed, drift_px=0.0, planes_um=planes_um)
+    scope.objective = objective
+    scope.centre_roi(size)
+    scope.exposure_ms = float(exposure_ms)
+    scope.set_illumination("EPI")
+    cell = cell_at(seed, 0, 0)
+    if cell is not None:
+        scope.xy_um = (cell.cx, cell.cy)
+    return scope
 
 
 def stack_planes_um(
