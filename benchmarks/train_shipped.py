@@ -141,6 +141,18 @@ def main() -> None:
         help="out-of-layer emphasis of the supervised L1/L2 (LossWeights.leak; 0: off)",
     )
     parser.add_argument(
+        "--dark",
+        type=float,
+        default=0.0,
+        help="dark-target emphasis of the supervised L1/L2 (LossWeights.dark, 0-1; 0: off)",
+    )
+    parser.add_argument(
+        "--dim",
+        type=float,
+        default=0.0,
+        help="dim-input emphasis of the supervised L1/L2 (LossWeights.dim, 0-2; 0: off)",
+    )
+    parser.add_argument(
         "--self-supervised",
         type=float,
         default=LossWeights().self_supervised,
@@ -192,7 +204,13 @@ def main() -> None:
             batch_size=args.batch_size,
             seed=0,
             variance_scaling=args.variance_scaling,
-            loss=LossWeights(leak=args.leak, self_supervised=args.self_supervised, b2=args.tv_b),
+            loss=LossWeights(
+                leak=args.leak,
+                dark=args.dark,
+                dim=args.dim,
+                self_supervised=args.self_supervised,
+                b2=args.tv_b,
+            ),
             target_ceiling=args.target_ceiling,
             input_ceiling=args.input_ceiling,
         )

@@ -176,6 +176,24 @@ class LossWeights(BaseModel):
         "1 + leak * max(input - target, 0), renormalised to mean 1, so light the target "
         "rejects (EPI haze, structure above the TIRF layer) costs more to keep (0: off)",
     )
+    dark: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="dark-target emphasis: the supervised L1/L2 weights each pixel by "
+        "(max(target, 0) + DARK_FLOOR) ** -dark, renormalised to mean 1, so an error costs "
+        "about as much where the TIRF target is dim as where it is bright (a dim filament "
+        "above the layer is a small absolute error); multiplies the leak weight (0: off)",
+    )
+    dim: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="dim-input emphasis: the supervised L1/L2 weights each pixel by "
+        "(max(input, 0) + DARK_FLOOR) ** -dim, renormalised to mean 1, so a dim filament "
+        "above the layer (dim in the input as well) costs more to keep than its small "
+        "absolute error; multiplies the other weights (0: off)",
+    )
     axial_coarse: float = Field(
         0.0,
         ge=0,

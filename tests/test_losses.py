@@ -11,6 +11,7 @@ from ctirf_live.training.losses import (
     HybridLoss,
     _multiscale,
     axial_coarse_tv,
+    dark_weight,
     image_loss,
     l1_reg,
     leak_weight,
@@ -195,6 +196,57 @@ def test_leak_weighting_makes_a_kept_haze_cost_more() -> None:
     loss = HybridLoss(weights, baseline=True)
     cost = [loss(p, target, None, epi, p, None)[0] for p in (off_layer, in_layer)]
     assert float(cost[0]) > 2 * float(cost[1])
+
+
+def test_dark_weight_favours_dim_target_pixels_with_mean_one() -> None:
+    """Dim target pixels weigh more than bright ones; the mean stays 1; no gradient."""
+    target = torch.zeros(2, 1, 16, 16, requires_grad=True)
+    with torch.no_grad():
+        target[:, :, :4] = 1.0
+        target[:, :, 4:8] = 0.1
+    w = dark_weight(target, 0.5)
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    ratio = float(w[0, 0, 5, 0] / w[0, 0, 0, 0])
+    assert ratio == pytest.approx(((1.0 + 0.05) / (0.1 + 0.05)) ** 0.5, rel=1e-5)
+    assert float(w[0, 0, 10, 0]) > float(w[0, 0, 5, 0])  # empty background: floor bounds it
+    assert not w.requires_grad
+    torch.testing.assert_close(dark_weight(target, 0.0), torch.ones_like(w))
+
+
+def test_dim_emphasis_makes_a_kept_dim_filament_cost_more() -> None:
+    """The same 40% kept of a raised filament: with an absolute L1 the dim one costs a
+    tenth of the bright one; weighting by the input's brightness (`dim`) raises that share,
+    while the target-based `dark` weight cannot tell the two apart (same dark target)."""
+    target = torch.full((1, 1, 32, 32), 0.1)
+    target[..., 24:, :] = 1.0  # bright in-layer structure elsewhere in the frame
+    epi = target.clone()
+    epi[..., 4:6, :16] += 0.1  # a dim filament above the layer, in the input only
+    epi[..., 4:6, 16:] += 1.0  # a bright one
+    dim_kept, bright_kept = target.clone(), target.clone()
+    dim_kept[..., 4:6, :16] += 0.04
+    bright_kept[..., 4:6, 16:] += 0.4
+    ratios = {}
+    for name, weights in {
+        "plain": LossWeights(a2=0.0, a3=0.0),
+        "dark": LossWeights(a2=0.0, a3=0.0, dark=0.5),
+        "dim": LossWeights(a2=0.0, a3=0.0, dim=1.0),
+    }.items():
+        loss = HybridLoss(weights, baseline=True)
+        dim, bright = (
+            loss(p, target, None, epi, p, None)[1]["supervised"] for p in (dim_kept, bright_kept)
+        )
+        ratios[name] = dim / bright
+    assert ratios["plain"] == pytest.approx(0.1, rel=1e-4)
+    assert ratios["dark"] == pytest.approx(0.1, rel=1e-4)
+    assert ratios["dim"] > 3 * ratios["plain"]
+
+
+def test_dim_emphasis_needs_the_input() -> None:
+    """Without the input image the dim-input weighting says what it needs."""
+    loss = HybridLoss(LossWeights(dim=1.0), baseline=True)
+    x = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="input image"):
+        loss(x, x, None, None, x, None)
 
 
 def test_axial_prior_penalises_plane_ringing_not_fine_structure() -> None:

@@ -174,6 +174,29 @@ def leak_weight(epi: Tensor, target: Tensor, strength: float) -> Tensor:
         return w / w.mean(dim=dims, keepdim=True)
 
 
+DARK_FLOOR = 0.05
+"""Added to the normalised target before `dark_weight`'s power, so empty background
+(target ~ 0, mostly noise) is not weighted without bound."""
+
+
+def dark_weight(reference: Tensor, exponent: float) -> Tensor:
+    """Per-pixel weight `(max(reference, 0) + DARK_FLOOR) ** -exponent`, renormalised to
+    mean 1 per sample, with the gradient stopped.
+
+    An absolute L1/L2 lets dim structure cost little: a dim filament above the TIRF layer
+    leaves a residual of a few hundredths of the frame's range where a bright one leaves
+    tenths. With the target as reference (`LossWeights.dark`) errors where TIRF is dark
+    (all out-of-layer light) weigh more than those on bright in-layer structure; with the
+    input (`LossWeights.dim`) a filament dim in the EPI frame weighs more than a bright
+    one. Exponent 0.5 is close to an L1 on the square root of the image, the
+    variance-stabilised scale of photon counts; mean 1 keeps the loss's scale.
+    """
+    with torch.no_grad():
+        w = (reference.float().clamp_min(0.0) + DARK_FLOOR).pow(-float(exponent))
+        dims = tuple(range(1, w.ndim))
+        return w / w.mean(dim=dims, keepdim=True)
+
+
 def axial_coarse_tv(g: Tensor, pool: int = AXIAL_POOL_PX) -> Tensor:
     """Mean squared Z difference of `g` (B,C,Z,Y,X) average-pooled `pool` px laterally.
 
@@ -236,6 +259,13 @@ class HybridLoss(nn.Module):
             if epi is None:
                 raise ValueError("the leak weighting needs the input image (epi)")
             pixel_weight = leak_weight(epi, target, w.leak)
+        for reference, exponent in ((target, w.dark), (epi, w.dim)):
+            if not exponent:
+                continue
+            if reference is None:
+                raise ValueError("the dim-input weighting needs the input image (epi)")
+            extra = dark_weight(reference, exponent)
+            pixel_weight = extra if pixel_weight is None else pixel_weight * extra
         terms: dict[str, Tensor] = {
             "supervised": image_loss(ctirf, target, w, sample_weight, pixel_weight),
             "tv_g": tv_loss(g),
