@@ -115,6 +115,13 @@ def main() -> None:
         help="specimen families of the training pairs, cycled (ctirf_live.sim.sample.FAMILIES)",
     )
     parser.add_argument(
+        "--line-pairs",
+        type=int,
+        default=0,
+        help="of the --pairs, how many are F-actin fields with extra straight filaments at "
+        "heights 0-2 um (benchmarks.ablate_line_ladder.line_pairs, seed 21; 0: none)",
+    )
+    parser.add_argument(
         "--init-from",
         default=None,
         help="checkpoint to warm-start from; layers it lacks (the 1/16 -> 1/8 attention "
@@ -191,7 +198,18 @@ def main() -> None:
         )
     else:
         t0 = time.perf_counter()
-        train_src = PairSource.synthetic(args.pairs, "60X", seed=1, roi=args.roi, families=families)
+        train_src = PairSource.synthetic(
+            args.pairs - args.line_pairs, "60X", seed=1, roi=args.roi, families=families
+        )
+        if args.line_pairs:
+            from benchmarks.ablate_line_ladder import line_pairs  # it imports this module
+
+            lines = line_pairs(args.line_pairs, 21, args.roi)
+            train_src = PairSource(
+                list(train_src.pairs) + lines,
+                train_src.optics,
+                f"{train_src.description} + {args.line_pairs} line-ladder fields",
+            )
         val_src = PairSource.synthetic(
             args.val_pairs, "60X", seed=2, roi=args.crop, families=families
         )
@@ -236,6 +254,7 @@ def main() -> None:
         "variant": args.variant,
         "parameters": count_parameters(model),
         "train_pairs": args.pairs,
+        "line_pairs": args.line_pairs,
         "roi": args.roi,
         "crop": args.crop,
         "epochs": args.epochs,
